@@ -1,0 +1,133 @@
+"""The ONNX classifier: one onnxruntime session, metadata read and validated on load."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agegender.runtime.labels import AGE_GROUPS, GENDERS
+
+FORMAT_VERSION = "1"
+REQUIRED_KEYS = ("agegender_format", "age_groups", "genders", "input_size", "crop_margin", "arch", "task",
+                 "quantization", "train_data", "metrics", "package_version")
+TASK_OUTPUTS = {"both": ("age_probs", "gender_probs"), "age": ("age_probs",), "gender": ("gender_probs",)}
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used; the message says which file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What an agegender ONNX file says about itself (its ``metadata_props``)."""
+
+    age_groups: tuple[str, ...]
+    genders: tuple[str, ...]
+    input_size: int
+    crop_margin: float
+    arch: str
+    task: str
+    quantization: str
+    train_data: str
+    metrics: dict[str, Any]
+    package_version: str
+    raw: dict[str, str]
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "model") -> "ModelMeta":
+        missing = [k for k in REQUIRED_KEYS if k not in props]
+        if missing:
+            raise ModelError(f"{source}: not an agegender model: metadata lacks {', '.join(missing)}")
+        if props["agegender_format"] != FORMAT_VERSION:
+            raise ModelError(f"{source}: agegender_format {props['agegender_format']!r} is not supported "
+                             f"(this runtime reads {FORMAT_VERSION!r})")
+        try:
+            age_groups = tuple(json.loads(props["age_groups"]))
+            genders = tuple(json.loads(props["genders"]))
+            metrics = json.loads(props["metrics"])
+            input_size = int(props["input_size"])
+            crop_margin = float(props["crop_margin"])
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"{source}: malformed metadata ({e})") from None
+        if props["task"] not in TASK_OUTPUTS:
+            raise ModelError(f"{source}: unknown task {props['task']!r} in metadata")
+        if input_size < 8 or input_size > 2048 or not (0.0 <= crop_margin <= 2.0):
+            raise ModelError(f"{source}: implausible input_size {input_size} or crop_margin {crop_margin}")
+        return cls(age_groups, genders, input_size, crop_margin, props["arch"], props["task"],
+                   props["quantization"], props["train_data"], metrics, props["package_version"], dict(props))
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxClassifier:
+    """An agegender ONNX model: ``run(batch)`` -> {"age_probs": [N, 8], "gender_probs": [N, 2]}."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: no such model file")
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=_session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None
+        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.meta = ModelMeta.from_props(props, str(self.path))
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        src = str(self.path)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != "image":
+            raise ModelError(f"{src}: expected one input named 'image', found {[i.name for i in inputs]}")
+        shape = inputs[0].shape
+        if len(shape) != 4 or shape[1] != 3 or any(isinstance(s, int) and s != self.meta.input_size for s in shape[2:]):
+            raise ModelError(f"{src}: input shape {shape} does not match [N, 3, {self.meta.input_size}, "
+                             f"{self.meta.input_size}] from metadata")
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        expected = TASK_OUTPUTS[self.meta.task]
+        if set(outputs) != set(expected):
+            raise ModelError(f"{src}: task {self.meta.task!r} needs outputs {list(expected)}, model has {list(outputs)}")
+        for name, labels in (("age_probs", self.meta.age_groups), ("gender_probs", self.meta.genders)):
+            if name in outputs:
+                width = outputs[name][-1]
+                if isinstance(width, int) and width != len(labels):
+                    raise ModelError(f"{src}: {name} has {width} classes but metadata lists {len(labels)}")
+        if "age_probs" in outputs and tuple(self.meta.age_groups) != AGE_GROUPS:
+            raise ModelError(f"{src}: age groups {list(self.meta.age_groups)} differ from this runtime's {list(AGE_GROUPS)}")
+        if "gender_probs" in outputs and tuple(self.meta.genders) != GENDERS:
+            raise ModelError(f"{src}: genders {list(self.meta.genders)} differ from this runtime's {list(GENDERS)}")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def input_size(self) -> int:
+        return self.meta.input_size
+
+    @property
+    def crop_margin(self) -> float:
+        return self.meta.crop_margin
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Probabilities for a float32 [N, 3, S, S] RGB 0..255 batch (see preprocess.to_input)."""
+        if batch.shape[0] == 0:
+            return {name: np.zeros((0, len(self.meta.age_groups if name == "age_probs" else self.meta.genders)),
+                                   np.float32) for name in self.output_names}
+        outs = self.session.run(self.output_names, {"image": batch.astype(np.float32, copy=False)})
+        return dict(zip(self.output_names, outs))

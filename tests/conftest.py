@@ -1,0 +1,55 @@
+"""Shared pytest setup: the --runslow option and the location of ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords or "aarch64" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def adience_meta(shared_dir: Path) -> Path:
+    p = shared_dir / "data" / "adience_meta"
+    if not (p / "fold_0_data.txt").is_file():
+        pytest.skip(f"{p} is absent")
+    return p
+
+
+@pytest.fixture(scope="session")
+def utkface_dir(shared_dir: Path) -> Path:
+    p = shared_dir / "data" / "utkface"
+    if not p.is_dir():
+        pytest.skip(f"{p} is absent")
+    return p
+
+
+@pytest.fixture(scope="session")
+def yunet_model(shared_dir: Path) -> Path:
+    p = shared_dir / "models" / "face_detection_yunet_2026may.onnx"
+    if not p.is_file():
+        pytest.skip(f"{p} is absent")
+    return p
