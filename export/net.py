@@ -70,7 +70,8 @@ class AgeGenderNet(nn.Module):
         self.args = args
         self.backbone = backbone if backbone is not None else timm.create_model(
             args.arch, pretrained=False, num_classes=0, **args.timm_kwargs)
-        nf = self.backbone.num_features
+        # MobileNetV3 keeps a conv head after pooling: its width is head_hidden_size, not num_features
+        nf = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.drop = nn.Dropout(args.drop_rate)
         self.heads = nn.ModuleDict()
         if "age" in heads_for(args.task):
