@@ -196,8 +196,8 @@ def library_versions() -> dict[str, str]:
 
     from agegender import __version__
 
-    return {"agegender": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    return {"agegender": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "numpy": str(numpy.__version__), "python": platform.python_version()}
 
 
 def make_checkpoint(net: AgeGenderNet, *, crop_margin: float, config: dict[str, Any], data: dict[str, Any],
