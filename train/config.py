@@ -1,0 +1,50 @@
+"""The training configuration: one frozen dataclass mirroring the CLI options."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    format: str = "auto"
+    arch: str = "mobilenetv3_large_100"
+    task: str = "both"
+    img_size: int = 224
+    pretrained: bool = True
+    init_weights: str | None = None
+    freeze_backbone: bool = False
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    nfolds: int = 5
+    holdout: float = 0.0
+    val_frac: float = 0.1
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"
+    drop_rate: float = 0.2
+    augment: str = "default"
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 42
+    crop_margin: float = 0.0
+    max_images: int | None = None
+    cache_dir: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["folds"] = list(self.folds)
+        return d
+
+    # options that may differ between the original run and a --resume without changing results
+    RESUME_FREE = ("out", "workers", "device", "cache_dir")
+
+    def differs_from(self, saved: dict[str, Any]) -> list[str]:
+        mine = self.to_dict()
+        return [k for k in mine if k not in self.RESUME_FREE and k in saved and saved[k] != mine[k]]

@@ -1,0 +1,112 @@
+"""Training data: faces decoded once into a uint8 cache, albumentations for augmentation.
+
+The evaluation input of every face is exactly what the runtime feeds the model for a
+pre-cropped face (``preprocess.prepare_face`` of the whole image), computed once and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from agegender.runtime.datasets import Record
+from agegender.runtime.fsutil import atomic_path
+from agegender.runtime.imageio import ImageError, read_image
+from agegender.runtime.labels import age_in_group
+from agegender.runtime.preprocess import prepare_face
+
+log = logging.getLogger(__name__)
+
+
+def eval_face(path: str, size: int) -> np.ndarray:
+    """The face exactly as the runtime prepares a pre-cropped image (detector "none")."""
+    return prepare_face(read_image(path), None, 0.0, size)
+
+
+def build_cache(records: list[Record], size: int, cache_dir: str | Path | None = None,
+                threads: int = 2, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(faces uint8 [N, S, S, 3], ok bool [N]); unreadable images are marked not ok and counted.
+
+    With ``cache_dir`` the array is kept on disk (keyed by the file list and size) and reused.
+    """
+    key = hashlib.sha1((f"{size}\n" + "\n".join(r.path for r in records)).encode()).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"faces_{size}_{key}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file) as z:
+            log.info("face cache %s: %d faces", cache_file, len(z["ok"]))
+            return z["faces"], z["ok"]
+    faces = np.zeros((len(records), size, size, 3), np.uint8)
+    ok = np.zeros(len(records), bool)
+    errors: dict[str, int] = {}
+
+    def load(i: int) -> None:
+        try:
+            faces[i] = eval_face(records[i].path, size)
+            ok[i] = True
+        except ImageError as e:
+            reason = "missing" if "no such file" in str(e) else "unreadable"
+            errors[reason] = errors.get(reason, 0) + 1
+            log.debug("%s", e)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(tqdm(pool.map(load, range(len(records))), total=len(records), desc=f"decode faces @{size}px",
+                  disable=not progress, leave=False, mininterval=2))
+    if errors:
+        log.warning("skipped images: %s", ", ".join(f"{n} {k}" for k, n in sorted(errors.items())))
+    if cache_file is not None:
+        with atomic_path(cache_file, suffix=".npz") as tmp:
+            np.savez(tmp, faces=faces, ok=ok)
+    return faces, ok
+
+
+def train_transform(size: int, kind: str = "default") -> A.Compose | None:
+    """Augmentation of the cached face: framing jitter around the box, flip, photometric, blur/JPEG."""
+    if kind == "none":
+        return None
+    return A.Compose([
+        A.Affine(scale=(0.88, 1.12), translate_percent=(-0.06, 0.06), rotate=(-12, 12),
+                 border_mode=cv2.BORDER_REPLICATE, p=0.8),
+        A.HorizontalFlip(p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.7),
+        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=20, val_shift_limit=0, p=0.3),
+        A.ToGray(p=0.1),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.ImageCompression(quality_range=(35, 90)),
+                 A.Downscale(scale_range=(0.5, 0.8))], p=0.3),
+        A.CLAHE(p=0.05),
+    ])
+
+
+def labels_of(records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(age [-1 = none], gender [-1 = unknown], age_scored mask) arrays for a record list."""
+    age = np.array([-1 if r.age is None else r.age for r in records], np.int64)
+    gender = np.array([-1 if r.gender is None else r.gender for r in records], np.int64)
+    scored = np.array([r.age is not None and (r.exact_age is None or age_in_group(r.exact_age)) for r in records])
+    return age, gender, scored
+
+
+class FaceDataset(Dataset):
+    """Cached faces -> (float tensor [3, S, S] 0..255, age, gender)."""
+
+    def __init__(self, faces: np.ndarray, index: np.ndarray, age: np.ndarray, gender: np.ndarray,
+                 transform: A.Compose | None = None):
+        self.faces, self.index, self.age, self.gender, self.transform = faces, index, age, gender, transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        j = self.index[i]
+        img = self.faces[j]
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+        return x, int(self.age[j]), int(self.gender[j])

@@ -1,0 +1,99 @@
+"""Exploratory data analysis on labels alone (the seed's Step 1): counts, label.json, plots."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from agegender.runtime.datasets import DataReport, Record, age_group_name
+from agegender.runtime.fsutil import atomic_path, write_json, write_text
+from agegender.runtime.labels import AGE_GROUPS, GENDERS
+
+
+def _gender_name(g: int | None) -> str:
+    return "unknown" if g is None else GENDERS[g]
+
+
+def records_frame(records: list[Record]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "path": [r.path for r in records],
+        "age_group": [age_group_name(r.age) for r in records],
+        "gender": [_gender_name(r.gender) for r in records],
+        "subject": [r.subject for r in records],
+        "fold": [r.fold for r in records],
+    })
+
+
+def summarize(records: list[Record], report: DataReport) -> dict:
+    def counts(rs: list[Record]) -> dict:
+        ages = Counter(r.age for r in rs)
+        genders = Counter(r.gender for r in rs)
+        return {
+            "rows": len(rs),
+            "users": len({r.subject for r in rs}),
+            "age_groups": {g: ages.get(i, 0) for i, g in enumerate(AGE_GROUPS)},
+            "no_age": ages.get(None, 0),
+            "genders": {"male": genders.get(0, 0), "female": genders.get(1, 0), "unknown": genders.get(None, 0)},
+        }
+
+    summary = counts(records)
+    summary["format"] = report.format
+    summary["missing_images"] = report.missing_images
+    summary["skipped"] = dict(report.skipped)
+    folds = sorted({r.fold for r in records if r.fold is not None})
+    summary["per_fold"] = {str(k): counts([r for r in records if r.fold == k]) for k in folds}
+    subjects_per_fold = [{r.subject for r in records if r.fold == k} for k in folds]
+    shared = set().union(*[a & b for i, a in enumerate(subjects_per_fold) for b in subjects_per_fold[i + 1:]]) \
+        if len(folds) > 1 else set()
+    summary["subjects_in_several_folds"] = len(shared)
+    return summary
+
+
+def _plot(df: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(AGE_GROUPS) + ["none"]
+    table = pd.crosstab(df["age_group"], df["gender"]).reindex(order, fill_value=0)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    table.plot.bar(ax=ax)
+    ax.set_title("Age group x gender")
+    ax.set_xlabel("age group")
+    ax.set_ylabel("images")
+    fig.tight_layout()
+    with atomic_path(out / "age_gender_counts.png", suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+    if df["fold"].notna().any():
+        per_fold = pd.crosstab(df["fold"], df["age_group"]).reindex(columns=order, fill_value=0)
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        per_fold.plot.bar(ax=ax, stacked=True)
+        ax.set_title("Age groups per fold")
+        ax.set_xlabel("fold")
+        ax.set_ylabel("images")
+        fig.tight_layout()
+        with atomic_path(out / "per_fold_counts.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+
+
+def run_eda(records: list[Record], report: DataReport, out_dir: str | Path) -> dict:
+    """Write OUT/eda/{summary.json,label_counts.csv,label.json,*.png}; returns the summary."""
+    out = Path(out_dir) / "eda"
+    out.mkdir(parents=True, exist_ok=True)
+    df = records_frame(records)
+    summary = summarize(records, report)
+    counts = df.groupby(["fold", "age_group", "gender"], dropna=False).size().rename("count").reset_index()
+    write_text(out / "label_counts.csv", counts.to_csv(index=False))
+    labels = {r.path: {"age_group": age_group_name(r.age), "gender": _gender_name(r.gender),
+                       "subject": r.subject, "fold": r.fold} for r in records}
+    write_text(out / "label.json", json.dumps(labels, indent=1) + "\n")
+    _plot(df, out)
+    write_json(out / "summary.json", summary)
+    return summary
