@@ -1,0 +1,132 @@
+"""``export-onnx CKPT --out DIR``: fp32 (and with --quantize int8) ONNX behind parity gates.
+
+Exit 0 when every requested model passed its gate and was written, 1 on any error or failed
+gate (one line on stderr, no traceback), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import click
+
+from agegender.export.quantize import CALIB_METHODS
+
+log = logging.getLogger("agegender.export")
+HEADS = ("age", "gender")
+
+
+def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
+    """``0.98`` (both heads) or ``age=0.97,gender=0.99`` (fractions of images)."""
+    out = dict((("age", 0.97), ("gender", 0.99)))
+    text = value.strip()
+    try:
+        if re.fullmatch(r"[0-9.]+", text):
+            out = {h: float(text) for h in HEADS}
+        else:
+            for part in text.split(","):
+                head, _, num = part.partition("=")
+                head = head.strip()
+                if head not in HEADS:
+                    raise ValueError(f"unknown head {head!r}")
+                out[head] = float(num)
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: expected e.g. 0.98 or age=0.97,gender=0.99 ({e})") from None
+    if any(not 0.0 <= v <= 1.0 for v in out.values()):
+        raise click.BadParameter(f"{value!r}: agreements are fractions between 0 and 1")
+    return tuple(out.items())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: NAME_fp32.onnx, NAME_int8.onnx, parity.json.")
+@click.option("--name", default="agegender", show_default=True, help="File stem of the models.")
+@click.option("--quantize", is_flag=True, help="Also write an int8 model (static QDQ PTQ) behind the int8 gate.")
+@click.option("--calib-data", type=click.Path(exists=True),
+              help="Calibration images: Adience/UTKFace dir, CSV, or a folder of face images "
+                   "[default: the checkpoint's training folds].")
+@click.option("--calib-size", type=click.IntRange(8), default=300, show_default=True,
+              help="Calibration images for int8.")
+@click.option("--eval-size", type=click.IntRange(1), default=2000, show_default=True,
+              help="Held-out test-fold images the int8 gate is evaluated on (at most).")
+@click.option("--parity-size", type=click.IntRange(64), default=128, show_default=True,
+              help="Images for the fp32 parity gate.")
+@click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--max-drop", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="int8 gate: largest accuracy drop, in percentage points, on every metric.")
+@click.option("--min-agreement", default="age=0.97,gender=0.99", show_default=True, callback=_parse_agreement,
+              help="int8 gate: top-1 agreement with fp32, per head (or one number for both).")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True)
+@click.option("--reduce-range", is_flag=True, help="7-bit weights (x86 CPUs without VNNI).")
+@click.option("--islands/--no-islands", default=True, show_default=True,
+              help="When plain int8 fails the gate, retry with growing float islands.")
+@click.option("--latency-runs", type=click.IntRange(1), default=50, show_default=True,
+              help="Runs for the 1-thread latency median.")
+@click.option("--force", is_flag=True,
+              help="Overwrite existing models; write the int8 model even when its gate fails (recorded).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the traceback of unexpected errors).")
+def main(checkpoint, out, name, quantize, calib_data, calib_size, eval_size, parity_size, opset, max_drop,
+         min_agreement, calib_method, reduce_range, islands, latency_runs, force, quiet, verbose) -> None:
+    """Export an agegender CHECKPOINT to ONNX, checked against torch (and int8 against fp32)."""
+    _setup_logging(verbose, quiet)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
+    from agegender.export.onnx_export import ExportConfig
+
+    cfg = ExportConfig(checkpoint=checkpoint, out=out, name=name, quantize=quantize, calib_data=calib_data,
+                       calib_size=calib_size, eval_size=eval_size, parity_size=parity_size, opset=opset,
+                       max_drop=max_drop, min_agreement=min_agreement, calib_method=calib_method,
+                       reduce_range=reduce_range, islands=islands, latency_runs=latency_runs, force=force,
+                       progress=not quiet)
+    sys.exit(run(cfg, verbose))
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """Our diagnostics on stderr; other libraries' chatter (onnxruntime's root-logger warnings) only with -v."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(lambda r: r.name.startswith("agegender") or r.levelno >= logging.ERROR)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def run(cfg, verbose: bool = False) -> int:
+    """Run the export, print the results on stdout; errors are one line on stderr. Returns the exit code."""
+    from agegender.export.net import CheckpointError
+    from agegender.export.onnx_export import ExportError, run_export
+    from agegender.export.quantize import QuantizeError
+    from agegender.runtime.datasets import DataFormatError
+
+    try:
+        rep = run_export(cfg)
+    except (CheckpointError, ExportError, QuantizeError, DataFormatError, OSError) as e:
+        log.debug("export failed", exc_info=True)
+        click.echo(f"error: {_one_line(e)}", err=True)
+        return 1
+    except Exception as e:  # noqa: BLE001 - never a traceback for the user; -v shows it
+        log.debug("unexpected error", exc_info=True)
+        click.echo(f"error: unexpected {type(e).__name__}: {_one_line(e)} (run with -v for details)", err=True)
+        return 1
+    fp = rep["fp32"]
+    click.echo(f"{cfg.fp32_path}  fp32  {fp['bytes'] / 1e6:.2f} MB  parity max|dp| {fp['parity']['max_abs_diff']:.1e} "
+               f"on {fp['parity']['images']} images  {fp['latency_ms_1thread']:.2f} ms/face (1 thread)")
+    if "int8" in rep:
+        q = rep["int8"]
+        agree = ", ".join(f"{k} {v:.3f}" for k, v in q["gate"]["agreement"].items())
+        drops = ", ".join(f"{k} {v:+.2f}" for k, v in (q["gate"].get("drop_pt") or {}).items())
+        click.echo(f"{cfg.int8_path}  int8  {q['bytes'] / 1e6:.2f} MB  strategy {q['strategy']}  agreement {agree}"
+                   f"{'  drop pt ' + drops if drops else ''}  {q['latency_ms_1thread']:.2f} ms/face "
+                   f"({rep['speedup_1thread']:.2f}x)")
+    click.echo(f"{cfg.report_path}")
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,299 @@
+"""Checkpoint -> self-describing fp32 ONNX (and int8 ONNX), each behind its gate.
+
+The ONNX file is the only contract with the runtime: input ``image`` float32 [N, 3, S, S] RGB
+0..255 (normalisation inside the graph), outputs ``age_probs`` / ``gender_probs``, and
+``metadata_props`` the runtime reads with onnxruntime alone. A file only appears under its final
+name once its gate has passed (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from agegender import __version__
+from agegender.export import parity
+from agegender.export.net import ProbsModel, load_checkpoint, net_from_checkpoint
+from agegender.export.quantize import QuantSettings, describe_choice, preprocess, search
+from agegender.runtime.fsutil import atomic_path, write_json
+from agegender.runtime.labels import AGE_GROUPS, GENDERS
+from agegender.runtime.model import FORMAT_VERSION, ModelError, OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+PARITY_TOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export cannot go on; the message is one line for the user."""
+
+
+class GateFailed(ExportError):
+    """A gate did not pass (the report is still written)."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The export-onnx options (everything about the model comes from the checkpoint)."""
+
+    checkpoint: str
+    out: str
+    name: str = "agegender"
+    quantize: bool = False
+    calib_data: str | None = None
+    calib_size: int = 300
+    eval_size: int = 2000
+    parity_size: int = 128
+    opset: int = DEFAULT_OPSET
+    max_drop: float = 0.5
+    min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
+    calib_method: str = "minmax"
+    reduce_range: bool = False
+    islands: bool = True
+    latency_runs: int = 50
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def fp32_path(self) -> Path:
+        return Path(self.out) / f"{self.name}_fp32.onnx"
+
+    @property
+    def int8_path(self) -> Path:
+        return Path(self.out) / f"{self.name}_int8.onnx"
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.out) / ("parity.json" if self.name == "agegender" else f"{self.name}_parity.json")
+
+
+# --------------------------------------------------------------------------- fp32 export
+def metadata(ckpt: dict[str, Any], quantization: str, opset: int) -> dict[str, str]:
+    """The metadata_props of DESIGN.md (plus provenance: epoch, fold, opset)."""
+    labels = ckpt.get("labels") or {}
+    age_groups = list(labels.get("age_groups", AGE_GROUPS))
+    genders = list(labels.get("genders", GENDERS))
+    if tuple(age_groups) != AGE_GROUPS or tuple(genders) != GENDERS:
+        raise ExportError(f"checkpoint labels {age_groups} / {genders} differ from this package's "
+                          f"{list(AGE_GROUPS)} / {list(GENDERS)}: the runtime would refuse the model")
+    args = ckpt["model_args"]
+    return {
+        "agegender_format": FORMAT_VERSION,
+        "age_groups": json.dumps(age_groups),
+        "genders": json.dumps(genders),
+        "input_size": str(int(args["img_size"])),
+        "crop_margin": repr(float(ckpt.get("crop_margin", 0.0))),
+        "arch": str(args["arch"]),
+        "task": str(args.get("task", "both")),
+        "quantization": quantization,
+        "train_data": str(ckpt.get("train_data") or "unknown"),
+        "metrics": json.dumps(ckpt.get("metrics") or {}, default=_jsonable),
+        "package_version": __version__,
+        "checkpoint_epoch": str(ckpt.get("epoch", "")),
+        "checkpoint_fold": "" if ckpt.get("fold") is None else str(ckpt.get("fold")),
+        "opset": str(opset),
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+def export_onnx(model: ProbsModel, path: Path, size: int, opset: int) -> None:
+    """TorchScript exporter (``dynamo=False``): one self-contained file, dynamic batch axis."""
+    dummy = torch.rand(2, 3, size, size) * 255.0
+    names = list(model.output_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["image"], output_names=names,
+                          dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                          opset_version=opset, do_constant_folding=True)
+
+
+def finish_model(path: Path, props: dict[str, str]) -> None:
+    """Write the metadata into ``path`` (kept in one file) and run the full ONNX checker."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ExportError(f"{path}: {len(external)} tensors are stored outside the file")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def runtime_check(path: Path) -> OnnxClassifier:
+    """Load the file the way the runtime does; its refusal is an export error."""
+    try:
+        return OnnxClassifier(path, threads=1)
+    except ModelError as e:
+        raise ExportError(f"the runtime refuses the exported model: {e}") from e
+
+
+# --------------------------------------------------------------------------- pipeline
+@dataclass
+class Report:
+    """Everything parity.json records."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+
+def _thresholds(cfg: ExportConfig) -> parity.Int8Thresholds:
+    return parity.Int8Thresholds(cfg.max_drop, tuple(cfg.min_agreement))
+
+
+def check_outputs(cfg: ExportConfig) -> None:
+    if cfg.force:
+        return
+    targets = [cfg.fp32_path] + ([cfg.int8_path] if cfg.quantize else [])
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        raise ExportError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                          f"use --force to overwrite")
+
+
+def run_export(cfg: ExportConfig) -> dict[str, Any]:
+    """The whole export; returns the report (also written to parity.json). Raises GateFailed."""
+    check_outputs(cfg)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    net = net_from_checkpoint(ckpt)
+    size = int(ckpt["model_args"]["img_size"])
+    model = ProbsModel(net).eval()
+    rep = Report({"checkpoint": str(Path(cfg.checkpoint).resolve()), "arch": net.args.arch, "task": net.args.task,
+                  "input_size": size, "crop_margin": float(ckpt.get("crop_margin", 0.0)),
+                  "package_version": __version__, "options": _options(cfg)})
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    try:
+        _run(cfg, ckpt, model, size, rep)
+    finally:
+        write_json(cfg.report_path, rep.data)
+    return rep.data
+
+
+def _options(cfg: ExportConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["min_agreement"] = dict(cfg.min_agreement)
+    d.pop("progress")
+    return d
+
+
+def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, rep: Report) -> None:
+    src = parity.resolve_sources(ckpt, cfg.calib_data)
+    for note in src.notes:
+        log.warning("%s", note)
+    test = parity.load_faces(src.test, size, cfg.eval_size, "test-fold faces", progress=cfg.progress)
+    need_calib = cfg.calib_size if cfg.quantize else 0
+    calib = parity.load_faces(src.calib, size, max(need_calib, cfg.parity_size), "calibration faces", seed=1,
+                              progress=cfg.progress)
+    gate_faces = _parity_faces(test, calib, cfg.parity_size)
+    rep.set("data", {"calibration_source": src.calib_source, "test_source": src.test_source, "notes": src.notes,
+                     "test_images": len(test), "calibration_images_available": len(calib),
+                     "unreadable_skipped": test.failed + calib.failed})
+    if len(gate_faces) < parity.PARITY_MIN_IMAGES:
+        where = "; ".join(src.notes) or f"{src.calib_source} / {src.test_source}"
+        raise ExportError(f"only {len(gate_faces)} readable images for the parity gate (need "
+                          f"{parity.PARITY_MIN_IMAGES}): {where}; give --calib-data DIR with face images")
+
+    with atomic_path(cfg.fp32_path, suffix=".onnx") as tmp:
+        export_onnx(model, tmp, size, cfg.opset)
+        finish_model(tmp, metadata(ckpt, "none", cfg.opset))
+        ref = parity.predict_torch(model, gate_faces.faces)
+        got = parity.predict_ort(parity.ort_session(tmp), gate_faces.faces)
+        gate = parity.parity_gate(ref, got, PARITY_TOL)
+        rep.set("fp32", {"path": str(cfg.fp32_path), "parity": gate, "bytes": tmp.stat().st_size})
+        if not gate["passed"]:
+            _remove_stale(cfg, both=True)
+            raise GateFailed(f"fp32 parity gate failed: max |Δprob| {gate['max_abs_diff']:.2e} (limit "
+                             f"{PARITY_TOL:g}), top-1 mismatches {gate['top1_mismatches']} on {gate['images']} "
+                             f"images; no model written (see {cfg.report_path})")
+        runtime_check(tmp)
+    log.info("fp32 parity passed: max |Δprob| %.2e on %d images", gate["max_abs_diff"], gate["images"])
+    one_face = gate_faces.faces[0]
+    rep.data["fp32"]["latency_ms_1thread"] = parity.latency_ms(cfg.fp32_path, one_face, cfg.latency_runs)
+    if cfg.quantize:
+        _quantize(cfg, ckpt, test, calib, gate_faces, rep)
+
+
+def _parity_faces(test: parity.FaceSet, calib: parity.FaceSet, n: int) -> parity.FaceSet:
+    """Held-out faces first, topped up with calibration faces."""
+    t = test.take(n)
+    if len(t) >= n or not len(calib):
+        return t
+    c = calib.take(n - len(t))
+    return parity.FaceSet(np.concatenate([t.faces, c.faces]) if len(t) else c.faces, t.records + c.records)
+
+
+def _remove_stale(cfg: ExportConfig, both: bool) -> None:
+    """Under --force a failed gate must not leave an older file under the final name."""
+    for p in ([cfg.fp32_path] if both else []) + ([cfg.int8_path] if cfg.quantize else []):
+        if p.exists():
+            log.warning("removing the older %s (its gate failed in this run)", p)
+            p.unlink()
+
+
+def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, calib: parity.FaceSet,
+              gate_faces: parity.FaceSet, rep: Report) -> None:
+    th = _thresholds(cfg)
+    calib_faces = calib.faces[:cfg.calib_size] if len(calib) else gate_faces.faces
+    if len(test):
+        judge, records, mode = test.faces, test.records, "test fold: accuracy drop and agreement with fp32"
+    else:
+        judge, records, mode = gate_faces.faces, None, "no labelled test fold: agreement with fp32 on parity images"
+        log.warning("int8 gate: %s", mode)
+    fp32_probs = parity.predict_ort(parity.ort_session(cfg.fp32_path), judge, desc="fp32 on gate images",
+                                    progress=cfg.progress)
+    settings = QuantSettings(cfg.calib_method, cfg.reduce_range)
+
+    def evaluate(path: Path) -> dict[str, Any]:
+        probs = parity.predict_ort(parity.ort_session(path), judge, desc=f"int8 {path.stem}", progress=cfg.progress)
+        return parity.int8_gate(fp32_probs, probs, records, th)
+
+    with tempfile.TemporaryDirectory(prefix="agegender-quant-") as work:
+        wd = Path(work)
+        prep = wd / "prep.onnx"
+        preprocess(cfg.fp32_path, prep)
+        res = search(prep, calib_faces, evaluate, settings, wd, auto=cfg.islands)
+        chosen = res.chosen
+        assert chosen is not None
+        info = {"path": str(cfg.int8_path), "settings": asdict(settings), "calibration_images": len(calib_faces),
+                "gate_mode": mode, "thresholds": th.to_dict(), "passed": res.passed, "strategy": chosen.name,
+                "gate": chosen.gate, "attempts": [a.summary() for a in res.attempts],
+                "sensitivity_nsr": {k: round(v, 6) for k, v in res.sensitivity.items()}, "written": False}
+        rep.set("int8", info)
+        if not res.passed and not cfg.force:
+            _remove_stale(cfg, both=False)
+            raise GateFailed(f"int8 gate failed ({'; '.join(chosen.gate['failures'])}) after "
+                             f"{len(res.attempts)} attempts (best: {chosen.name}); no int8 model written, "
+                             f"see {cfg.report_path}; --force writes it anyway")
+        with atomic_path(cfg.int8_path, suffix=".onnx") as tmp:
+            os.replace(chosen.path, tmp)
+            finish_model(tmp, metadata(ckpt, describe_choice(settings, res, len(calib_faces)), cfg.opset))
+            runtime_check(tmp)
+            info["bytes"] = tmp.stat().st_size
+        info["written"] = True
+    info["latency_ms_1thread"] = parity.latency_ms(cfg.int8_path, gate_faces.faces[0], cfg.latency_runs)
+    rep.data["speedup_1thread"] = rep.data["fp32"]["latency_ms_1thread"] / max(info["latency_ms_1thread"], 1e-9)
+    if not res.passed:
+        raise GateFailed(f"int8 gate failed ({'; '.join(chosen.gate['failures'])}); written anyway "
+                         f"(--force) to {cfg.int8_path}, the failure is recorded in its metadata")

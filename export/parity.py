@@ -1,0 +1,281 @@
+"""Gate images and the two export gates: fp32 parity (ORT vs torch) and int8 (accuracy + agreement).
+
+Every image goes through the runtime's own reading and preprocessing: a pre-cropped dataset face
+is the whole image, prepared exactly as training evaluated it and as the runtime does for
+detector ``none`` (``prepare_face(read_image(path), None, 0.0, size)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from agegender.runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, read_dataset
+from agegender.runtime.imageio import ImageError, read_image
+from agegender.runtime.labels import age_in_group
+from agegender.runtime.metrics import age_gender_metrics
+from agegender.runtime.preprocess import prepare_face, to_input
+
+log = logging.getLogger(__name__)
+
+PARITY_MIN_IMAGES = 64
+METRIC_KEYS = ("age_exact", "age_1off", "gender_acc")
+
+
+class GateDataError(ValueError):
+    """Not enough usable images for a gate; the message says where they were looked for."""
+
+
+def face_of(path: str | os.PathLike, size: int) -> np.ndarray:
+    """A pre-cropped face image as the model sees it: (size, size, 3) uint8 RGB."""
+    return prepare_face(read_image(path), None, 0.0, size)
+
+
+@dataclass
+class FaceSet:
+    """Decoded faces with their records (labels may be absent)."""
+
+    faces: np.ndarray  # uint8 [N, S, S, 3]
+    records: list[Record]
+    failed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def take(self, n: int) -> "FaceSet":
+        return FaceSet(self.faces[:n], self.records[:n], 0)
+
+
+def load_faces(records: list[Record], size: int, limit: int, desc: str, seed: int = 0,
+               progress: bool = True) -> FaceSet:
+    """Decode up to ``limit`` faces from ``records`` in a seeded random order, skipping unreadable ones."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    faces: list[np.ndarray] = []
+    kept: list[Record] = []
+    failed = 0
+    with tqdm(total=min(limit, len(records)), desc=desc, unit="img", leave=False, disable=not progress,
+              mininterval=1) as bar:
+        for i in order:
+            if len(kept) >= limit:
+                break
+            try:
+                faces.append(face_of(records[i].path, size))
+            except ImageError as e:
+                failed += 1
+                log.debug("skipped %s", e)
+                continue
+            kept.append(records[i])
+            bar.update(1)
+    if failed:
+        log.warning("%s: %d unreadable or missing images skipped", desc, failed)
+    arr = np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
+    return FaceSet(arr, kept, failed)
+
+
+def _plain_images(root: Path) -> list[Record]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return [Record(str(p), None, None, p.name, None) for p in files]
+
+
+@dataclass
+class GateSources:
+    """Which records calibrate and which judge, and why (``notes`` end up in parity.json)."""
+
+    calib: list[Record]
+    test: list[Record]
+    calib_source: str
+    test_source: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_sources(ckpt: dict[str, Any], calib_data: str | None) -> GateSources:
+    """Calibration records (``--calib-data`` or the checkpoint's training folds) and test-fold records.
+
+    Test = the checkpoint's test fold (fold == data.fold) without the holdout; training = the other
+    folds without the holdout, as train-adience split them (holdout by file name).
+    """
+    notes: list[str] = []
+    data = ckpt.get("data") or {}
+    records: list[Record] = []
+    root = data.get("root")
+    if not root:
+        notes.append("the checkpoint names no training data")
+    elif not Path(root).exists():
+        notes.append(f"the checkpoint's data {root} are absent")
+    else:
+        try:
+            records, report = read_dataset(root, data.get("format") or "auto")
+            log.info("checkpoint data: %s", report.describe())
+        except DataFormatError as e:
+            notes.append(f"the checkpoint's data cannot be read ({e})")
+    holdout = float(data.get("holdout") or 0.0)
+    if holdout:
+        records = [r for r in records if not is_holdout(Path(r.path).name, holdout)]
+    fold = data.get("fold")
+    if records and fold is not None:
+        test = [r for r in records if r.fold == fold]
+        train = [r for r in records if r.fold != fold]
+        test_source = f"{root} fold {fold} (test fold, holdout excluded)"
+    else:
+        if records:
+            notes.append("the checkpoint has no test fold (trained on all folds)")
+        test, train, test_source = [], records, None
+    if calib_data:
+        calib, calib_source = _calib_records(Path(calib_data)), str(calib_data)
+        test_paths = {r.path for r in test}
+        calib = [r for r in calib if r.path not in test_paths]
+    else:
+        calib, calib_source = train, f"{root} training folds" if train else "none"
+    return GateSources(calib, test, calib_source, test_source, notes)
+
+
+def _calib_records(path: Path) -> list[Record]:
+    """Any dataset the readers know, or else a plain folder of images."""
+    try:
+        records, report = read_dataset(path, "auto")
+        log.info("calibration data: %s", report.describe())
+        return records
+    except DataFormatError:
+        if path.is_dir():
+            recs = _plain_images(path)
+            if recs:
+                log.info("calibration data: %d plain images under %s", len(recs), path)
+                return recs
+        raise
+
+
+# --------------------------------------------------------------------------- inference
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def predict_ort(session, faces: np.ndarray, batch: int = 64, desc: str | None = None,
+                progress: bool = True) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    steps = range(0, len(faces), batch)
+    for s in tqdm(steps, desc=desc, leave=False, disable=not progress or desc is None or len(steps) < 4):
+        for n, v in zip(names, session.run(names, {"image": to_input(faces[s:s + batch])})):
+            outs[n].append(v)
+    return {n: np.concatenate(v) for n, v in outs.items()}
+
+
+def predict_torch(model, faces: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    import torch
+
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in model.output_names}
+    with torch.inference_mode():
+        for s in range(0, len(faces), batch):
+            res = model(torch.from_numpy(to_input(faces[s:s + batch])))
+            for n, v in zip(model.output_names, res):
+                outs[n].append(v.float().numpy())
+    return {n: np.concatenate(v) for n, v in outs.items()}
+
+
+# --------------------------------------------------------------------------- gates
+def parity_gate(torch_probs: dict[str, np.ndarray], ort_probs: dict[str, np.ndarray],
+                tol: float = 1e-4) -> dict[str, Any]:
+    """fp32 ONNX vs torch: max |Δprob| <= tol and identical top-1 on every image."""
+    max_diff = 0.0
+    mismatches: dict[str, int] = {}
+    for name, ref in torch_probs.items():
+        got = ort_probs[name]
+        max_diff = max(max_diff, float(np.max(np.abs(got - ref))) if ref.size else 0.0)
+        mismatches[name] = int((got.argmax(1) != ref.argmax(1)).sum())
+    n = len(next(iter(torch_probs.values())))
+    passed = max_diff <= tol and not any(mismatches.values())
+    return {"passed": passed, "images": n, "max_abs_diff": max_diff, "tolerance": tol,
+            "top1_mismatches": mismatches}
+
+
+def label_arrays(records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(age [-1 none], gender [-1 unknown], age scored mask): ages outside every group are not scored."""
+    age = np.array([-1 if r.age is None else r.age for r in records], np.int64)
+    gender = np.array([-1 if r.gender is None else r.gender for r in records], np.int64)
+    scored = np.array([r.age is not None and (r.exact_age is None or age_in_group(r.exact_age)) for r in records],
+                      bool)
+    return age, gender, scored
+
+
+def metrics_of(probs: dict[str, np.ndarray], records: list[Record]) -> dict[str, float | int]:
+    age, gender, scored = label_arrays(records)
+    ap = probs["age_probs"].argmax(1) if "age_probs" in probs else None
+    gp = probs["gender_probs"].argmax(1) if "gender_probs" in probs else None
+    return age_gender_metrics(age if ap is not None else None, ap, gender if gp is not None else None, gp, scored)
+
+
+def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """Top-1 agreement per head: {"age": ..., "gender": ...}."""
+    return {name.removesuffix("_probs"): float((a[name].argmax(1) == b[name].argmax(1)).mean())
+            for name in a if len(a[name])}
+
+
+@dataclass(frozen=True)
+class Int8Thresholds:
+    max_drop_pt: float = 0.5  # accuracy drop allowed on every metric, percentage points
+    min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_drop_pt": self.max_drop_pt, "min_agreement": dict(self.min_agreement)}
+
+
+def int8_gate(fp32_probs: dict[str, np.ndarray], int8_probs: dict[str, np.ndarray],
+              records: list[Record] | None, th: Int8Thresholds) -> dict[str, Any]:
+    """Accuracy drop (when ``records`` carry labels) and top-1 agreement of int8 with fp32."""
+    failures: list[str] = []
+    agree = agreement(fp32_probs, int8_probs)
+    for head, need in th.min_agreement:
+        if head in agree and agree[head] < need:
+            failures.append(f"{head} agreement {agree[head]:.4f} < {need:.4f}")
+    out: dict[str, Any] = {"images": len(next(iter(fp32_probs.values()))), "agreement": agree}
+    if records is not None:
+        m32, m8 = metrics_of(fp32_probs, records), metrics_of(int8_probs, records)
+        drops = {k: (m32[k] - m8[k]) * 100.0 for k in METRIC_KEYS if k in m32 and not math.isnan(m32[k])}
+        for k, d in drops.items():
+            if d > th.max_drop_pt + 1e-9:
+                failures.append(f"{k} drop {d:.2f} pt > {th.max_drop_pt:g} pt")
+        out.update(fp32_metrics=m32, int8_metrics=m8, drop_pt=drops)
+    out["failures"] = failures
+    out["passed"] = not failures
+    out["slack"] = _slack(out, th)
+    return out
+
+
+def _slack(res: dict[str, Any], th: Int8Thresholds) -> float:
+    """The smallest margin to a threshold (negative = failed), to pick the best of failed attempts."""
+    margins = [res["agreement"][h] - need for h, need in th.min_agreement if h in res["agreement"]]
+    margins += [(th.max_drop_pt - d) / 100.0 for d in res.get("drop_pt", {}).values()]
+    return min(margins) if margins else 0.0
+
+
+def latency_ms(path: str | os.PathLike, face: np.ndarray, runs: int = 50, warmup: int = 5) -> float:
+    """Median ORT latency for one face (batch 1) at 1 thread, in milliseconds."""
+    sess = ort_session(path, threads=1)
+    names = [o.name for o in sess.get_outputs()]
+    x = to_input(face[None])
+    for _ in range(warmup):
+        sess.run(names, {"image": x})
+    times = []
+    for _ in range(max(1, runs)):
+        t = time.perf_counter()
+        sess.run(names, {"image": x})
+        times.append((time.perf_counter() - t) * 1000.0)
+    return float(statistics.median(times))

@@ -1,0 +1,376 @@
+"""``agegender-run``: faces, age group and gender for images, directories and videos.
+
+Results go to stdout (a readable line per face, or JSON Lines with ``--json``); diagnostics go
+to stderr through logging. A bad input gives one line for that input and the run goes on.
+Exit status: 0 every input read, 1 any input failed, 2 usage or setup error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import click
+
+from agegender import __version__
+from agegender.runtime.detect import DETECTORS, DetectorError, fetch_yunet
+from agegender.runtime.imageio import ImageError, read_image
+from agegender.runtime.labels import AGE_GROUPS
+
+if TYPE_CHECKING:
+    from agegender.runtime.predictor import Face, Predictor
+
+log = logging.getLogger("agegender.runtime.cli")
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pnm"}
+WRITABLE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+PROGRESS_MIN_INPUTS = 5
+CSV_COLUMNS = ["path", "frame", "width", "height", "face", "x1", "y1", "x2", "y2", "det_score", "age", "gender",
+               "gender_score", "error"] + [f"age_prob_{g}" for g in AGE_GROUPS]
+
+
+class SetupError(click.ClickException):
+    """The run cannot start (model, detector): exit status 2 like a usage error."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved options of one ``agegender-run`` call."""
+
+    inputs: tuple[str, ...]
+    model: str | None = None
+    detector: str = "auto"
+    detector_model: str | None = None
+    det_threshold: float = 0.9
+    min_face_size: int = 20
+    threads: int | None = None
+    json: bool = False
+    csv: str | None = None
+    save_annotated: str | None = None
+    recursive: bool = False
+    every: int = 1
+
+
+@dataclass
+class Result:
+    """What one image (or one video frame) gave: the JSON Lines object of DESIGN.md."""
+
+    path: str
+    width: int | None = None
+    height: int | None = None
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None
+    frame: int | None = None
+    image: Any = None  # the RGB image, kept only until it is annotated
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path}
+        if self.frame is not None:
+            d["frame"] = self.frame
+        d.update(width=self.width, height=self.height, faces=[f.to_dict() for f in self.faces], error=self.error)
+        return d
+
+    def text_lines(self) -> list[str]:
+        where = self.path if self.frame is None else f"{self.path} [frame {self.frame}]"
+        if not self.faces:
+            return [f"{where}: no face found"]
+        lines = []
+        for i, f in enumerate(self.faces, 1):
+            parts = []
+            if f.gender is not None:
+                parts.append(f"{f.gender} ({f.gender_score:.2f})")
+            if f.age is not None:
+                parts.append(f"age {f.age} ({f.age_probs[f.age]:.2f})")
+            lines.append(f"{where}: face {i}/{len(self.faces)} at {list(f.box)}: {', '.join(parts)}")
+        return lines
+
+
+# --------------------------------------------------------------------------- inputs
+def _media_files(folder: str, recursive: bool) -> list[str]:
+    """Image and video files of a folder, sorted; other files are skipped with a note."""
+    from agegender.runtime.video import VIDEO_EXTS
+
+    found, skipped, subdirs = [], 0, 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if not recursive:
+            subdirs += len(dirs)
+            dirs.clear()
+        else:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTS | VIDEO_EXTS:
+                found.append(os.path.join(root, name))
+            else:
+                skipped += 1
+    if skipped:
+        log.info("%s: skipped %d file(s) that are not images or videos", folder, skipped)
+    if subdirs:
+        log.info("%s: %d sub-folder(s) not searched (use --recursive)", folder, subdirs)
+    return found
+
+
+def expand_inputs(inputs: Sequence[str], recursive: bool, stdin: TextIO | None = None) -> list[str]:
+    """Files in input order: directories expanded (sorted), ``-`` replaced by the paths on stdin."""
+    out: list[str] = []
+    for item in inputs:
+        if item == "-":
+            stream = stdin if stdin is not None else sys.stdin
+            names = [line.rstrip("\r\n") for line in stream]
+            out.extend(expand_inputs([n for n in names if n.strip() and n != "-"], recursive))
+        elif os.path.isdir(item):
+            out.extend(_media_files(item, recursive))
+        else:
+            out.append(item)  # a missing file becomes an error for that input, not a usage error
+    return out
+
+
+# --------------------------------------------------------------------------- processing
+def _failed(path: str, exc: BaseException, frame: int | None = None) -> Result:
+    if isinstance(exc, (ImageError, OSError)):
+        msg = str(exc)
+    else:  # an unexpected library error on this input: one line for the user, details with -v
+        log.debug("while processing %s", path, exc_info=exc)
+        msg = f"{path}: cannot process ({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''})"
+    return Result(path, error=" ".join(msg.split()), frame=frame)
+
+
+def process(predictor: Predictor, path: str, every: int = 1, keep_image: bool = False) -> Iterator[Result]:
+    """Results for one input: one for an image, one per processed frame for a video."""
+    from agegender.runtime.video import is_video, iter_frames
+
+    if is_video(path):
+        frame = None
+        try:
+            for frame, image in iter_frames(path, every):
+                faces = predictor.predict(image)
+                yield Result(path, image.shape[1], image.shape[0], faces, frame=frame,
+                             image=image if keep_image else None)
+        except Exception as e:  # noqa: BLE001 - reported for this input, the run goes on
+            yield _failed(path, e, frame)
+        return
+    try:
+        image = read_image(path)
+        faces = predictor.predict(image)
+    except Exception as e:  # noqa: BLE001 - reported for this input, the run goes on
+        yield _failed(path, e)
+        return
+    yield Result(path, image.shape[1], image.shape[0], faces, image=image if keep_image else None)
+
+
+def csv_rows(r: Result) -> Iterator[list[Any]]:
+    """CSV rows of one result: one per face, or one with empty face columns."""
+    head = [r.path, "" if r.frame is None else r.frame, r.width or "", r.height or ""]
+    if not r.faces:
+        yield head + [""] * 9 + [r.error or ""] + [""] * len(AGE_GROUPS)
+    for i, f in enumerate(r.faces):
+        d = f.to_dict()
+        probs = [d["age_probs"][g] if d["age_probs"] else "" for g in AGE_GROUPS]
+        yield head + [i, *d["box"], d["det_score"], d["age"] or "", d["gender"] or "",
+                      "" if d["gender_score"] is None else d["gender_score"], ""] + probs
+
+
+class Annotator:
+    """Writes each image with its boxes, gender and age drawn into one folder (names kept unique)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.used: set[str] = set()
+
+    def _name(self, r: Result) -> str:
+        p = Path(r.path)
+        suffix = p.suffix.lower() if p.suffix.lower() in WRITABLE_EXTS else ".jpg"
+        stem = p.stem if r.frame is None else f"{p.stem}_f{r.frame:06d}"
+        name, k = f"{stem}{suffix}", 1
+        while name in self.used:
+            name, k = f"{stem}_{k}{suffix}", k + 1
+        self.used.add(name)
+        return name
+
+    def save(self, r: Result) -> None:
+        import cv2
+
+        from agegender.runtime.fsutil import atomic_path
+
+        img = cv2.cvtColor(r.image, cv2.COLOR_RGB2BGR)
+        scale = max(0.4, min(img.shape[:2]) / 700)
+        thick = max(2, round(scale * 2))
+        for f in r.faces:
+            x1, y1, x2, y2 = f.box
+            color = (230, 120, 30) if f.gender == "male" else (160, 40, 220) if f.gender == "female" else (40, 200, 40)
+            cv2.rectangle(img, (x1, y1), (x2, y2), color, thick)
+            label = " ".join(v for v in (f.gender, f.age) if v)
+            (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+            ty = y1 - 4 if y1 - th - base - 4 >= 0 else y2 + th + 4
+            cv2.rectangle(img, (x1, ty - th - 2), (x1 + tw + 2, ty + base), color, -1)
+            cv2.putText(img, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        final = self.folder / self._name(r)
+        with atomic_path(final, suffix=final.suffix) as tmp:
+            if not cv2.imwrite(str(tmp), img):
+                raise OSError(f"{final}: cannot write the annotated image")
+
+
+def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> int:
+    """Process ``files`` in order, writing every output; returns the exit status (0 or 1)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from agegender.runtime.fsutil import atomic_path
+
+    status = 0
+    annotator = Annotator(cfg.save_annotated) if cfg.save_annotated else None
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if cfg.csv:  # written under a temporary name, renamed onto cfg.csv only when the run completes
+            fh = stack.enter_context(open(stack.enter_context(atomic_path(cfg.csv, suffix=".csv")), "w",
+                                          newline="", encoding="utf-8"))
+            writer = csv.writer(fh)
+            writer.writerow(CSV_COLUMNS)
+        stack.enter_context(logging_redirect_tqdm([logging.getLogger("agegender")]))
+        bar = stack.enter_context(tqdm(total=len(files), unit="file", file=sys.stderr,
+                                       disable=True if len(files) < PROGRESS_MIN_INPUTS else None))
+        for path in files:
+            for r in process(predictor, path, cfg.every, keep_image=annotator is not None):
+                if r.error:
+                    status = 1
+                    log.error("%s", r.error)
+                lines = [json.dumps(r.to_dict(), ensure_ascii=False)] if cfg.json else [] if r.error else r.text_lines()
+                for line in lines:
+                    if bar.disable:
+                        out.write(line + "\n")
+                    else:
+                        tqdm.write(line, file=out)
+                if writer:
+                    writer.writerows(csv_rows(r))
+                if annotator and r.image is not None:
+                    try:
+                        annotator.save(r)
+                    except OSError as e:
+                        status = 1
+                        log.error("%s", e)
+                r.image = None
+            out.flush()
+            bar.update(1)
+    if cfg.csv:
+        log.info("wrote %s", cfg.csv)
+    return status
+
+
+# --------------------------------------------------------------------------- command
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"agegender-run: {record.levelname.lower()}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """One stderr handler on the ``agegender`` logger (replaced on each call)."""
+    logger = logging.getLogger("agegender")
+    for h in [h for h in logger.handlers if getattr(h, "_agegender_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._agegender_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option("--model", type=click.Path(dir_okay=False), help="agegender ONNX model [default: AGEGENDER_MODEL, "
+              "else the shipped int8 model]")
+@click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
+              help="face detector; none = every image is one pre-cropped face")
+@click.option("--detector-model", type=click.Path(dir_okay=False),
+              help="local YuNet ONNX file [default: AGEGENDER_DETECTOR_MODEL, else the fetched copy]")
+@click.option("--det-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="minimum YuNet face score")
+@click.option("--min-face-size", type=click.IntRange(min=0), default=20, show_default=True,
+              help="ignore detected faces smaller than this (pixels)")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all cores]")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per image or frame")
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="also write one CSV row per face")
+@click.option("--save-annotated", type=click.Path(file_okay=False), help="write images with boxes drawn here")
+@click.option("-r", "--recursive", is_flag=True, help="search directories recursively")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="for videos: process every N-th frame")
+@click.option("--fetch-detector", is_flag=True, help="download and verify the YuNet detector into the cache "
+              "(for offline use later), then process INPUTs if any")
+@click.option("-v", "--verbose", count=True, help="more diagnostics on stderr (-vv: debug)")
+@click.option("-q", "--quiet", is_flag=True, help="only errors on stderr")
+@click.version_option(__version__, prog_name="agegender-run")
+def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_model: str | None, det_threshold: float,
+        min_face_size: int, threads: int | None, as_json: bool, csv_file: str | None, save_annotated: str | None,
+        recursive: bool, every: int, fetch_detector: bool, verbose: int, quiet: bool) -> None:
+    """Find faces in images, directories (sorted), videos or `-` (paths on stdin) and print each
+    face's age group and gender. Exit status: 0 every input read, 1 any input failed, 2 usage error."""
+    setup_logging(verbose, quiet)
+    if fetch_detector:
+        try:
+            path = fetch_yunet()
+        except DetectorError as e:
+            log.error("%s", e)
+            sys.exit(1)
+        click.echo(f"YuNet face detector ready (sha256 verified): {path}")
+        if not inputs:
+            return
+    if not inputs:
+        raise click.UsageError("no INPUT given (image files, directories, videos, or - for paths on stdin)")
+    cfg = RunConfig(tuple(inputs), model, detector, detector_model, det_threshold, min_face_size, threads, as_json,
+                    csv_file, save_annotated, recursive, every)
+    from agegender.runtime.model import ModelError
+    from agegender.runtime.predictor import Predictor
+
+    if threads:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    try:
+        predictor = Predictor(cfg.model, cfg.detector, cfg.threads, cfg.detector_model, cfg.min_face_size,
+                              cfg.det_threshold)
+    except (ModelError, DetectorError) as e:
+        raise SetupError(str(e)) from None
+    log.info("model %s (%s, %s px); detector %s", predictor.model_path, predictor.meta.arch, predictor.meta.input_size,
+             predictor.detector.name)
+    if detector_model and predictor.detector.name != "yunet":
+        log.warning("--detector-model is used only by the yunet detector, not %s", predictor.detector.name)
+    files = expand_inputs(cfg.inputs, cfg.recursive, sys.stdin)
+    if not files:
+        log.warning("no image or video files found in %s", ", ".join(cfg.inputs))
+    try:
+        status = run(cfg, predictor, files, sys.stdout)
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # input errors are handled per input: this is an output (--csv, --save-annotated)
+        raise SetupError(f"cannot write output: {e}") from None
+    sys.exit(status)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    try:
+        cli(prog_name="agegender-run")
+    except BrokenPipeError:  # e.g. `agegender-run ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

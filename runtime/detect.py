@@ -1,0 +1,265 @@
+"""Face detectors (YuNet, Haar, none) and the checksummed, cached YuNet fetch.
+
+YuNet is not bundled: it is fetched once into a user cache dir and verified by sha256 (pooch).
+Every setting the fetch uses can be overridden by an environment variable, so offline devices
+and tests never need the internet:
+
+- ``AGEGENDER_DETECTOR_MODEL``: a local YuNet file (no download, no checksum);
+- ``AGEGENDER_CACHE_DIR``: where the fetched file is kept (default: platformdirs' user cache);
+- ``AGEGENDER_DETECTOR_URL`` / ``AGEGENDER_DETECTOR_SHA256``: where to fetch it from and the
+  sha256 it must have (e.g. a mirror on the local network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+YUNET_URL = ("https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
+             "face_detection_yunet_2023mar.onnx")
+YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+HAAR_FILE = "haarcascade_frontalface_default.xml"
+DETECTORS = ("auto", "yunet", "haar", "none")
+AUTO_TIMEOUT_S = 5.0  # `auto` must not hang an offline device for long
+FETCH_TIMEOUT_S = 60.0
+DETECT_LONG_SIDE = 640  # YuNet misses faces over ~300 px: detect on a downscaled copy
+RETRY_LONG_SIDE = 320  # a face filling a 640-px image is still too big: one retry smaller
+MIN_INPUT_SIDE = 64
+INSTALL_HINT = ("run `agegender-run --fetch-detector` once on a machine with internet access (copy the cache "
+                "dir to offline devices), or pass --detector-model PATH / set AGEGENDER_DETECTOR_MODEL")
+
+
+class DetectorError(RuntimeError):
+    """A detector that cannot be set up; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A face box in image pixels (x1, y1, x2, y2; may extend past the image) and a confidence."""
+
+    box: tuple[float, float, float, float]
+    score: float
+
+
+class Detector(Protocol):
+    name: str
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Faces in an RGB uint8 (H, W, 3) image."""
+
+
+# --------------------------------------------------------------------------- fetch and cache
+def cache_dir() -> Path:
+    """The folder that holds the fetched detector (``AGEGENDER_CACHE_DIR`` overrides)."""
+    env = os.environ.get("AGEGENDER_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("agegender", appauthor=False))
+
+
+def detector_url() -> str:
+    return os.environ.get("AGEGENDER_DETECTOR_URL") or YUNET_URL
+
+
+def detector_sha256() -> str:
+    return (os.environ.get("AGEGENDER_DETECTOR_SHA256") or YUNET_SHA256).lower()
+
+
+def cached_path(url: str | None = None) -> Path:
+    """Where the file from ``url`` is (or would be) cached."""
+    name = (url or detector_url()).rstrip("/").rsplit("/", 1)[-1] or "face_detection_yunet.onnx"
+    return cache_dir() / name
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified_cached_yunet() -> Path | None:
+    """The cached YuNet file when it exists and has the expected sha256, else None."""
+    path = cached_path()
+    if path.is_file() and sha256_of(path) == detector_sha256():
+        return path
+    return None
+
+
+def fetch_yunet(timeout: float = FETCH_TIMEOUT_S) -> Path:
+    """Download YuNet into the cache (once), verify its sha256 and return its path.
+
+    A download whose checksum differs is deleted, never cached. Raises DetectorError.
+    """
+    import pooch
+    import requests
+
+    url, expected, path = detector_url(), detector_sha256(), cached_path()
+    cached = verified_cached_yunet()
+    if cached is not None:
+        return cached
+    log.info("fetching the YuNet face detector from %s into %s", url, path.parent)
+    pooch_log = pooch.get_logger()  # pooch's own logger prints every download at INFO: keep ours only
+    level = pooch_log.level
+    pooch_log.setLevel(logging.WARNING)
+    try:
+        got = pooch.retrieve(url, known_hash=f"sha256:{expected}", fname=path.name, path=path.parent,
+                             downloader=pooch.HTTPDownloader(timeout=timeout, progressbar=False))
+    except ValueError:  # pooch: hash mismatch (the temporary download is already deleted)
+        raise DetectorError(f"YuNet download from {url} rejected: its sha256 differs from the expected "
+                            f"{expected}; nothing was cached") from None
+    except requests.exceptions.RequestException as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        why = f"HTTP {status}" if status else type(e).__name__
+        raise DetectorError(f"cannot download YuNet from {url}: {why}") from None
+    except OSError as e:
+        raise DetectorError(f"cannot write the YuNet cache in {path.parent}: {e.strerror or e}") from None
+    finally:
+        pooch_log.setLevel(level)
+    log.info("YuNet cached at %s (sha256 verified)", got)
+    return Path(got)
+
+
+# --------------------------------------------------------------------------- detectors
+def clip_box(box: Sequence[float], w: int, h: int) -> tuple[float, float, float, float]:
+    """``box`` limited to a w x h image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)
+
+
+def _scaled(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
+    """``image`` shrunk so its long side is at most ``long_side``, and the factor used."""
+    h, w = image.shape[:2]
+    scale = min(1.0, long_side / max(h, w))
+    if scale >= 1.0:
+        return image, 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+class YuNetDetector:
+    """OpenCV's YuNet (``cv2.FaceDetectorYN``), run on a copy downscaled to 640 px (then 320 px)."""
+
+    name = "yunet"
+
+    def __init__(self, model_path: str | os.PathLike, score_threshold: float = 0.9, nms_threshold: float = 0.3):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise DetectorError(f"{self.model_path}: no such YuNet model file")
+        try:
+            self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320),
+                                                  score_threshold, nms_threshold, 5000)
+        except cv2.error as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else "cv2.error"
+            raise DetectorError(f"{self.model_path}: not a loadable YuNet model ({msg[:160]})") from None
+
+    def _detect_at(self, image: np.ndarray, long_side: int) -> list[Detection]:
+        small, scale = _scaled(image, long_side)
+        h, w = small.shape[:2]
+        if min(h, w) < MIN_INPUT_SIDE:  # YuNet returns garbage boxes for tiny inputs: pad them
+            small = cv2.copyMakeBorder(small, 0, max(0, MIN_INPUT_SIDE - h), 0, max(0, MIN_INPUT_SIDE - w),
+                                       cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            h, w = small.shape[:2]
+        self._net.setInputSize((w, h))
+        _, out = self._net.detect(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+        if out is None:
+            return []
+        dets = []
+        for row in out:
+            x, y, bw, bh = (float(v) / scale for v in row[:4])
+            if np.isfinite(row[:4]).all() and bw > 0 and bh > 0:
+                dets.append(Detection((x, y, x + bw, y + bh), float(row[14])))
+        return dets
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        dets = self._detect_at(image, DETECT_LONG_SIDE)
+        if not dets and max(image.shape[:2]) > RETRY_LONG_SIDE:
+            dets = self._detect_at(image, RETRY_LONG_SIDE)
+        return dets
+
+
+class HaarDetector:
+    """OpenCV's bundled frontal-face Haar cascade: offline, but misses more faces than YuNet."""
+
+    name = "haar"
+
+    def __init__(self, min_size: int = 24):
+        folder = getattr(getattr(cv2, "data", None), "haarcascades", "")
+        path = Path(folder) / HAAR_FILE if folder else None
+        if path is None or not path.is_file():
+            raise DetectorError(f"this OpenCV ({cv2.__version__}) ships no Haar cascades (OpenCV 5 wheels do not); "
+                                f"use YuNet: {INSTALL_HINT}")
+        self._cascade = cv2.CascadeClassifier(str(path))
+        if self._cascade.empty():
+            raise DetectorError(f"{path}: cannot load the Haar cascade")
+        self.min_size = max(1, int(min_size))
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        small, scale = _scaled(image, 2 * DETECT_LONG_SIDE)
+        if min(small.shape[:2]) < 24:
+            return []
+        grey = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
+        min_px = max(24, round(self.min_size * scale))
+        boxes = self._cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(min_px, min_px))
+        return [Detection((x / scale, y / scale, (x + w) / scale, (y + h) / scale), 1.0)
+                for x, y, w, h in (tuple(int(v) for v in b) for b in boxes)]
+
+
+class WholeImageDetector:
+    """``none``: the whole image is one face (pre-cropped inputs)."""
+
+    name = "none"
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        h, w = image.shape[:2]
+        return [Detection((0.0, 0.0, float(w), float(h)), 1.0)]
+
+
+# --------------------------------------------------------------------------- resolution
+def _given_model(model_path: str | os.PathLike | None) -> Path | None:
+    given = model_path or os.environ.get("AGEGENDER_DETECTOR_MODEL")
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise DetectorError(f"{path}: no such YuNet model file (from --detector-model or AGEGENDER_DETECTOR_MODEL)")
+    return path
+
+
+def create_detector(name: str = "auto", model_path: str | os.PathLike | None = None, min_face_size: int = 0,
+                    score_threshold: float = 0.9, timeout: float = AUTO_TIMEOUT_S) -> Detector:
+    """Build a detector by name (auto, yunet, haar, none); raises DetectorError.
+
+    ``auto``: YuNet if a file is given or a verified copy is cached, else try the fetch with a
+    short ``timeout``, else Haar with a warning that says how to get YuNet.
+    """
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r} (choose from {', '.join(DETECTORS)})")
+    if name == "none":
+        return WholeImageDetector()
+    if name == "haar":
+        return HaarDetector(min_size=max(24, min_face_size))
+    given = _given_model(model_path)
+    if given is not None:
+        return YuNetDetector(given, score_threshold)
+    if name == "yunet":
+        return YuNetDetector(fetch_yunet(), score_threshold)
+    try:  # a verified cached copy is used without any network access
+        return YuNetDetector(fetch_yunet(timeout=timeout), score_threshold)
+    except DetectorError as e:
+        log.warning("YuNet face detector unavailable (%s); falling back to OpenCV's Haar cascade, which misses "
+                    "more faces. To use YuNet: %s", e, INSTALL_HINT)
+    return HaarDetector(min_size=max(24, min_face_size))

@@ -1,0 +1,157 @@
+"""The Python API: ``Predictor(...).predict(image_or_path) -> list[Face]``.
+
+Detection, then the crop and input of ``preprocess`` (the very functions training's evaluation
+uses), then one batched onnxruntime call per image. Sessions are shared: one per model file
+(and thread count) for the whole process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agegender.runtime.detect import Detection, Detector, clip_box, create_detector
+from agegender.runtime.imageio import read_image
+from agegender.runtime.model import ModelError, OnnxClassifier
+from agegender.runtime.preprocess import prepare_face, to_input
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "agegender_int8.onnx"
+MODEL_PACKAGE = "agegender.models"
+
+
+@dataclass(frozen=True)
+class Face:
+    """One classified face. ``age``/``gender`` fields are None when the model lacks that head."""
+
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in image pixels
+    det_score: float
+    age: str | None
+    age_probs: dict[str, float] | None
+    gender: str | None
+    gender_score: float | None
+
+    def to_dict(self, digits: int = 4) -> dict[str, Any]:
+        """The JSON object of ``agegender-run --json`` for this face."""
+        return {
+            "box": list(self.box),
+            "det_score": round(self.det_score, digits),
+            "age": self.age,
+            "age_probs": None if self.age_probs is None else {k: round(v, digits) for k, v in self.age_probs.items()},
+            "gender": self.gender,
+            "gender_score": None if self.gender_score is None else round(self.gender_score, digits),
+        }
+
+
+def default_model_path() -> Path | None:
+    """The shipped model in ``agegender.models``, or None when it is not installed."""
+    try:
+        path = resources.files(MODEL_PACKAGE) / DEFAULT_MODEL
+    except ModuleNotFoundError:
+        return None
+    return Path(str(path)) if path.is_file() else None
+
+
+def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
+    """``model``, else ``AGEGENDER_MODEL``, else the shipped default; raises ModelError."""
+    given = model or os.environ.get("AGEGENDER_MODEL")
+    if given:
+        return Path(given).expanduser()
+    path = default_model_path()
+    if path is None:
+        raise ModelError(f"no model given and the default model ({MODEL_PACKAGE}/{DEFAULT_MODEL}) is not installed: "
+                         f"pass --model PATH (or set AGEGENDER_MODEL)")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_classifier(path: str, threads: int | None, mtime_ns: int, size: int) -> OnnxClassifier:
+    return OnnxClassifier(path, threads=threads)
+
+
+def load_classifier(path: str | os.PathLike, threads: int | None = None) -> OnnxClassifier:
+    """The process-wide session for a model file (reloaded only if the file changed)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise ModelError(f"{p}: no such model file") from None
+    return _cached_classifier(str(p.resolve()), threads or None, st.st_mtime_ns, st.st_size)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An array given to ``predict``: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> RGB."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return np.ascontiguousarray(image[:, :, :3])
+    raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+
+
+class Predictor:
+    """Faces with age group and gender from images.
+
+    ``model``: an agegender ONNX file (default: ``AGEGENDER_MODEL`` or the shipped int8 model).
+    ``detector``: auto | yunet | haar | none, or a detector object (see ``detect.create_detector``);
+    ``auto`` may fetch YuNet once into the cache (short timeout), else falls back to Haar.
+    ``min_face_size``: detected faces smaller than this (pixels, shorter side) are dropped.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, detector: str | Detector = "auto",
+                 threads: int | None = None, detector_model: str | os.PathLike | None = None,
+                 min_face_size: int = 20, det_threshold: float = 0.9):
+        self.model_path = resolve_model_path(model)
+        self.classifier = load_classifier(self.model_path, threads)
+        self.meta = self.classifier.meta
+        if isinstance(detector, str):
+            detector = create_detector(detector, detector_model, min_face_size=min_face_size,
+                                       score_threshold=det_threshold)
+        self.detector = detector
+        self.min_face_size = int(min_face_size)
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Face boxes in an RGB image, clipped to it; small ones dropped (never for ``none``)."""
+        h, w = image.shape[:2]
+        dets = [Detection(clip_box(d.box, w, h), d.score) for d in self.detector.detect(image)]
+        min_side = self.min_face_size if self.detector.name != "none" else 0
+        sides = [min(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets]
+        return [d for d, side in zip(dets, sides) if side > 0 and side >= min_side]
+
+    def classify(self, image: np.ndarray, dets: list[Detection]) -> list[Face]:
+        """Classify the given boxes of an RGB image in one batch."""
+        if not dets:
+            return []
+        size, margin = self.meta.input_size, self.meta.crop_margin
+        batch = to_input([prepare_face(image, d.box, margin, size) for d in dets])
+        out = self.classifier.run(batch)
+        age, gender = out.get("age_probs"), out.get("gender_probs")
+        faces = []
+        for i, d in enumerate(dets):
+            age_probs = age_label = gender_label = gender_score = None
+            if age is not None:
+                age_probs = {g: float(p) for g, p in zip(self.meta.age_groups, age[i])}
+                age_label = self.meta.age_groups[int(np.argmax(age[i]))]
+            if gender is not None:
+                j = int(np.argmax(gender[i]))
+                gender_label, gender_score = self.meta.genders[j], float(gender[i][j])
+            box = tuple(int(round(v)) for v in d.box)
+            faces.append(Face(box, float(d.score), age_label, age_probs, gender_label, gender_score))  # type: ignore[arg-type]
+        return faces
+
+    def predict(self, image_or_path: np.ndarray | str | os.PathLike) -> list[Face]:
+        """Faces in an image file (any format OpenCV reads) or an RGB uint8 array."""
+        if isinstance(image_or_path, np.ndarray):
+            image = as_rgb(image_or_path)
+        else:
+            image = read_image(image_or_path)
+        return self.classify(image, self.detect(image))

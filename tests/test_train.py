@@ -1,0 +1,163 @@
+"""train-adience end to end on a small dataset in the real Adience layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+
+from agegender.export.net import load_checkpoint, net_from_checkpoint
+from agegender.runtime.datasets import read_dataset
+from agegender.runtime.imageio import read_image
+from agegender.runtime.preprocess import prepare_face, to_input
+from agegender.train.data import FaceDataset, build_cache, labels_of
+from fakedata import make_adience, make_csv
+
+TRAIN = [sys.executable, "-c", "from agegender._entry import train_adience; train_adience()"]
+QUICK = ["--arch", "mobilenetv3_small_050", "--img-size", "64", "--epochs", "2", "--batch-size", "32",
+         "--no-pretrained", "-q"]
+
+
+def train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(TRAIN + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def adience(tmp_path_factory) -> Path:
+    return make_adience(tmp_path_factory.mktemp("data") / "adience")
+
+
+@pytest.fixture(scope="module")
+def full_run(adience, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "o"
+    res = train("--data", str(adience), "--folds", "all", "--out", str(out), *QUICK)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mean" in res.stdout  # the one-screen table
+    return out
+
+
+def test_five_folds_write_logs_checkpoints_and_summary(full_run, adience):
+    records, _ = read_dataset(adience)
+    for k in range(5):
+        d = full_run / f"fold{k}"
+        log = (d / "train_log.txt").read_text()
+        assert "epoch   1/2" in log and "epoch   2/2" in log and "test (best epoch" in log
+        assert (d / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+        ckpt = load_checkpoint(d / "best.pt")
+        assert ckpt["fold"] == k and ckpt["model_args"]["arch"] == "mobilenetv3_small_050"
+        assert ckpt["model_args"]["img_size"] == 64 and "test" in ckpt["metrics"]
+        assert ckpt["labels"]["age_groups"][0] == "0-2" and "torch" in ckpt["versions"]
+        assert ckpt["data"]["fold"] == k and Path(ckpt["data"]["root"]) == adience.resolve()
+        assert (d / "last.pt").is_file() and (d / "confusion_age.png").is_file()
+        # the test fold is subject-exclusive from what the model trained on
+        test_subjects = {r.subject for r in records if r.fold == k}
+        assert str(k) in {s[-1] for s in test_subjects}
+    s = json.loads((full_run / "summary.json").read_text())
+    assert [f["fold"] for f in s["folds"]] == [0, 1, 2, 3, 4]
+    assert set(s["mean"]) == {"age_exact", "age_1off", "gender_acc"} == set(s["std"])
+    assert all(f["n_test"] == 12 for f in s["folds"])
+    assert (full_run / "summary.csv").is_file() and (full_run / "curves.png").is_file()
+    cfg = json.loads((full_run / "config.json").read_text())
+    assert cfg["folds"] == [0, 1, 2, 3, 4] and cfg["arch"] == "mobilenetv3_small_050"
+
+
+def test_checkpoint_rebuilds_the_model_from_the_file_alone(full_run):
+    ckpt = load_checkpoint(full_run / "fold0" / "best.pt")
+    net = net_from_checkpoint(ckpt)
+    out = net(torch.zeros(2, 3, 64, 64))
+    assert out["age"].shape == (2, 8) and out["gender"].shape == (2, 2)
+
+
+def test_existing_out_is_refused_without_resume_or_force(full_run, adience):
+    res = train("--data", str(adience), "--folds", "0", "--out", str(full_run), *QUICK)
+    assert res.returncode == 1 and "--resume" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resume_keeps_finished_folds_and_continues_the_running_one(adience, tmp_path, monkeypatch):
+    from agegender.train import engine
+    from agegender.train.cli import main
+
+    out = tmp_path / "o"
+    args = ["--data", str(adience), "--folds", "0,1", "--out", str(out), *QUICK]
+    real_save = engine.save_checkpoint
+
+    def interrupted_save(path, ckpt):  # the process dies right after fold 1 saved epoch 1
+        real_save(path, ckpt)
+        if Path(path).name == "last.pt" and ckpt["fold"] == 1 and ckpt["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", interrupted_save)
+    with pytest.raises((KeyboardInterrupt, click.exceptions.Abort)):
+        main(args, standalone_mode=False)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert (out / "fold0" / "result.json").is_file() and not (out / "fold1" / "result.json").exists()
+    fold0_mtime = (out / "fold0" / "best.pt").stat().st_mtime_ns
+
+    res = train(*args, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fold 0: finished earlier" in res.stderr and "fold 1: resuming at epoch 2" in res.stderr
+    assert (out / "fold0" / "best.pt").stat().st_mtime_ns == fold0_mtime
+    assert (out / "fold1" / "result.json").is_file()
+    assert (out / "fold1" / "metrics.csv").read_text().count("\n") == 3
+    assert "epoch   1/2" in (out / "fold1" / "train_log.txt").read_text()
+    # a resume with different options is refused
+    res = train("--data", str(adience), "--folds", "0,1", "--out", str(out), "--resume", *QUICK, "--lr", "0.1")
+    assert res.returncode == 1 and "differ" in res.stderr and "lr" in res.stderr
+
+
+def test_eval_transform_is_the_runtime_preprocessing(adience):
+    records, _ = read_dataset(adience)
+    faces, ok = build_cache(records[:5], 48, progress=False)
+    age, gender, _ = labels_of(records[:5])
+    ds = FaceDataset(faces, np.arange(5), age, gender, transform=None)
+    for i in range(5):
+        x, a, g = ds[i]
+        runtime_input = to_input([prepare_face(read_image(records[i].path), None, 0.0, 48)])[0]
+        np.testing.assert_array_equal(x.numpy(), runtime_input)
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
+    csv_path = make_csv(tmp_path / "c", n=40, size=40)
+    (tmp_path / "c" / "img_0003.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "c" / "img_0007.jpg").unlink()
+    res = train("--data", str(csv_path), "--folds", "0", "--out", str(tmp_path / "o"), *QUICK[:-5],
+                "--epochs", "1", "--batch-size", "16", "--img-size", "32", "--no-pretrained", "-q")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 of 40 images missing or unreadable" in res.stderr
+
+
+def test_task_without_labels_is_a_clear_error(tmp_path):
+    d = tmp_path / "c"
+    csv_path = make_csv(d, n=10)
+    csv_path.write_text("\n".join(l.split(",")[0] + ",," + ("u" if i else "gender") if i else "path,age,gender"
+                                  for i, l in enumerate(csv_path.read_text().splitlines())) + "\n")
+    res = train("--data", str(csv_path), "--task", "age", "--out", str(tmp_path / "o"), *QUICK)
+    assert res.returncode == 1 and "no image has an age label" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pretrained_failure_names_the_alternatives(adience, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(TRAIN + ["--data", str(adience), "--out", str(tmp_path / "o"), "--arch",
+                                  "mobilenetv3_small_050", "--epochs", "1"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 1
+    assert "--no-pretrained" in res.stderr and "--init-weights" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_torchrun_two_cpu_ranks(adience, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "agegender.train", "--data", str(adience), "--folds", "0", "--out", str(out), *QUICK,
+           "--device", "cpu", "--epochs", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "fold0" / "best.pt").is_file() and (out / "summary.json").is_file()
+    log = (out / "fold0" / "train_log.txt").read_text()
+    assert log.count("epoch   1/1") == 1  # only rank 0 writes
