@@ -20,7 +20,7 @@ import numpy as np
 from agegender.runtime.detect import Detection, Detector, clip_box, create_detector
 from agegender.runtime.imageio import read_image
 from agegender.runtime.model import ModelError, OnnxClassifier
-from agegender.runtime.preprocess import prepare_face, to_input
+from agegender.runtime.preprocess import prepare_face, prepare_precropped, to_input
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,10 @@ class Predictor:
         if not dets:
             return []
         size, margin = self.meta.input_size, self.meta.crop_margin
-        batch = to_input([prepare_face(image, d.box, margin, size) for d in dets])
+        if self.detector.name == "none":  # the image is the face as framed: no margin to add
+            batch = to_input([prepare_precropped(image, size) for _ in dets])
+        else:
+            batch = to_input([prepare_face(image, d.box, margin, size) for d in dets])
         out = self.classifier.run(batch)
         age, gender = out.get("age_probs"), out.get("gender_probs")
         faces = []

@@ -65,3 +65,11 @@ def to_input(faces: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     if batch.ndim == 3:
         batch = batch[None]
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def prepare_precropped(image: np.ndarray, size: int) -> np.ndarray:
+    """A pre-cropped face (a dataset image, detector ``none``): the whole image, squared, no margin.
+
+    Training evaluation, export calibration/parity and the runtime's ``none`` detector all use this.
+    """
+    return prepare_face(image, None, 0.0, size)

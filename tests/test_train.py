@@ -16,7 +16,7 @@ import torch
 from agegender.export.net import load_checkpoint, net_from_checkpoint
 from agegender.runtime.datasets import read_dataset
 from agegender.runtime.imageio import read_image
-from agegender.runtime.preprocess import prepare_face, to_input
+from agegender.runtime.preprocess import prepare_precropped, to_input
 from agegender.train.data import FaceDataset, build_cache, labels_of
 from fakedata import make_adience, make_csv
 
@@ -119,7 +119,7 @@ def test_eval_transform_is_the_runtime_preprocessing(adience):
     ds = FaceDataset(faces, np.arange(5), age, gender, transform=None)
     for i in range(5):
         x, a, g = ds[i]
-        runtime_input = to_input([prepare_face(read_image(records[i].path), None, 0.0, 48)])[0]
+        runtime_input = to_input([prepare_precropped(read_image(records[i].path), 48)])[0]
         np.testing.assert_array_equal(x.numpy(), runtime_input)
 
 
@@ -127,8 +127,9 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
     csv_path = make_csv(tmp_path / "c", n=40, size=40)
     (tmp_path / "c" / "img_0003.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "c" / "img_0007.jpg").unlink()
-    res = train("--data", str(csv_path), "--folds", "0", "--out", str(tmp_path / "o"), *QUICK[:-5],
-                "--epochs", "1", "--batch-size", "16", "--img-size", "32", "--no-pretrained", "-q")
+    res = train("--data", str(csv_path), "--folds", "0", "--out", str(tmp_path / "o"),
+                "--arch", "mobilenetv3_small_050", "--epochs", "1", "--batch-size", "16", "--img-size", "32",
+                "--no-pretrained", "-q")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 of 40 images missing or unreadable" in res.stderr
 

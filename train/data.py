@@ -22,14 +22,14 @@ from agegender.runtime.datasets import Record
 from agegender.runtime.fsutil import atomic_path
 from agegender.runtime.imageio import ImageError, read_image
 from agegender.runtime.labels import age_in_group
-from agegender.runtime.preprocess import prepare_face
+from agegender.runtime.preprocess import prepare_precropped
 
 log = logging.getLogger(__name__)
 
 
 def eval_face(path: str, size: int) -> np.ndarray:
     """The face exactly as the runtime prepares a pre-cropped image (detector "none")."""
-    return prepare_face(read_image(path), None, 0.0, size)
+    return prepare_precropped(read_image(path), size)
 
 
 def build_cache(records: list[Record], size: int, cache_dir: str | Path | None = None,
