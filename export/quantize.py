@@ -1,15 +1,15 @@
 """int8 post-training quantization with onnxruntime, and the float-island search that holds the gate.
 
 ``quantize_static`` (QDQ, per-channel S8 weights, U8 activations) after ``quant_pre_process``.
+The classifier after the global pool and the softmax always stay float (see ``head_nodes``).
 Networks with hard-swish and squeeze-excite (MobileNetV3) lose accuracy under plain PTQ, so the
 search tries, in order, until the gate passes:
 
-1. ``plain`` — every op onnxruntime quantizes;
-2. ``cheap-islands`` — the first conv, every conv on pooled vectors (squeeze-excite branches, the
-   MobileNetV3 conv head) and the classifier layers kept in float: they cost little time in float;
+1. ``plain`` — every other op onnxruntime quantizes;
+2. ``cheap-islands`` — also the first conv and the squeeze-excite branches in float (little compute);
 3. ``sensitive-N%`` — in addition the N % of the remaining quantized convs whose quantization noise
    is largest, measured once with ``onnxruntime.quantization.qdq_loss_debug`` (SQNR of each conv's
-   weights and of its input activation, float vs. quantized), for growing N.
+   weights and of its input activation, before vs. after quantization), for growing N.
 
 Calibration ranges are computed once and reused by every attempt (``calibration_cache_path``).
 """
@@ -97,6 +97,15 @@ def preprocess(fp32_path: Path, out_path: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(fp32_path), str(out_path))
+    model = onnx.load(str(out_path))
+    names = {n.name for n in model.graph.node}
+    for i, n in enumerate(model.graph.node):  # the optimiser leaves some nodes unnamed; exclusion is by name
+        if not n.name:
+            n.name = f"{n.op_type}_prep_{i}"
+            while n.name in names:
+                n.name += "_"
+            names.add(n.name)
+    onnx.save(model, str(out_path))
 
 
 # --------------------------------------------------------------------------- graph structure
@@ -113,20 +122,31 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
 
 
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Always float: the global pool and everything after it (classifier, softmax) and every node that
+    writes a graph output. It is little compute, and int8 logits or probabilities would round close
+    classes onto the same value (argmax ties) and report probabilities in steps of 1/255."""
+    shapes = _shapes(model)
+    outputs = {o.name for o in model.graph.output}
+    keep = _after_global_pool(model, shapes) | {n.name for n in model.graph.node if set(n.output) & outputs}
+    return [n.name for n in model.graph.node if n.name in keep]
+
+
 def cheap_islands(model: onnx.ModelProto) -> list[str]:
-    """First conv, convs on pooled vectors (1x1 spatial: squeeze-excite, conv head) and every
-    compute node after the global pooling (the classifier heads)."""
+    """The first conv and the squeeze-excite branches: every node on pooled (1x1) tensors and the Mul
+    that scales a feature map by them. Little compute, much of MobileNetV3's quantization noise."""
     shapes = _shapes(model)
     nodes = list(model.graph.node)
-    compute = [n for n in nodes if n.op_type in QUANTIZED_OPS]
     keep: list[str] = []
-    if compute and compute[0].op_type == "Conv":
-        keep.append(compute[0].name)
-    for n in compute:
-        if n.op_type == "Conv" and not _spatial(shapes.get(n.output[0])):
+    first = next((n for n in nodes if n.op_type in QUANTIZED_OPS), None)
+    if first is not None and first.op_type == "Conv":
+        keep.append(first.name)
+    for n in nodes:
+        vector_out = n.output and not any(_spatial(shapes.get(o)) for o in n.output)
+        vector_in = n.op_type == "Mul" and any(i in shapes and not _spatial(shapes[i]) and len(shapes[i]) == 4
+                                               for i in n.input)
+        if vector_out or vector_in:
             keep.append(n.name)
-    head = _after_global_pool(model, shapes)
-    keep += [n.name for n in compute if n.name in head]
     return list(dict.fromkeys(keep))
 
 
@@ -139,13 +159,13 @@ def _spatial(shape: list[int | str] | None) -> bool:
 
 
 def _after_global_pool(model: onnx.ModelProto, shapes: dict[str, list[int | str]]) -> set[str]:
-    """Names of the nodes downstream of the global pool: the first pooling after which no
-    tensor is spatial any more (a squeeze-excite pool is multiplied back onto a feature map)."""
+    """The global pool and the nodes downstream of it: the last pooling after which no tensor is
+    spatial any more (a squeeze-excite pool is multiplied back onto a feature map)."""
     cons: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in n.input:
             cons.setdefault(i, []).append(n)
-    for n in model.graph.node:
+    for n in reversed(model.graph.node):
         if n.op_type not in ("GlobalAveragePool", "ReduceMean", "GlobalMaxPool"):
             continue
         seen: set[str] = set()
@@ -161,7 +181,7 @@ def _after_global_pool(model: onnx.ModelProto, shapes: dict[str, list[int | str]
                         spatial = True
                     stack.append(c)
         if not spatial:
-            return seen
+            return seen | {n.name}
     return set()
 
 
@@ -278,26 +298,27 @@ def search(prep_path: Path, calib_faces: np.ndarray, evaluate: Callable[[Path], 
                  "passed" if gate["passed"] else "; ".join(gate["failures"]))
         return a
 
-    a = attempt("plain", [])
+    fixed = head_nodes(model)
+    a = attempt("plain", fixed)
     if a.gate["passed"] or not auto:
         result.chosen = a
         return result
-    islands = cheap_islands(model)
+    islands = [n for n in cheap_islands(model) if n not in fixed]
     if islands:
-        a = attempt("cheap-islands", islands)
+        a = attempt("cheap-islands", fixed + islands)
         if a.gate["passed"]:
             result.chosen = a
             return result
     noise = conv_noise(prep_path, a.path, calib_faces[:SENSITIVITY_IMAGES], workdir)
     result.sensitivity = dict(sorted(noise.items(), key=lambda kv: -kv[1]))
-    ranked = [n for n in result.sensitivity if n not in islands]
+    ranked = [n for n in result.sensitivity if n not in fixed and n not in islands]
     done: set[int] = set()
     for frac in SENSITIVE_FRACTIONS:
         k = max(1, math.ceil(frac * len(ranked)))
         if k in done or not ranked:
             continue
         done.add(k)
-        a = attempt(f"sensitive-{int(frac * 100)}%", islands + ranked[:k])
+        a = attempt(f"sensitive-{int(frac * 100)}%", fixed + islands + ranked[:k])
         if a.gate["passed"]:
             result.chosen = a
             return result

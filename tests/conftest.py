@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny test models gain nothing from several threads, and OpenMP threads spinning on a busy
+# 2-core machine (a training run beside the tests) slow everyone down many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared"))
 
