@@ -48,6 +48,9 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
 @click.option("--calib-data", type=click.Path(exists=True),
               help="Calibration images: Adience/UTKFace dir, CSV, or a folder of face images "
                    "[default: the checkpoint's training folds].")
+@click.option("--data", "data_root", type=click.Path(exists=True),
+              help="Where the checkpoint's own dataset is now, if it moved (its format, folds and holdout "
+                   "still come from the checkpoint).")
 @click.option("--calib-size", type=click.IntRange(8), default=300, show_default=True,
               help="Calibration images for int8.")
 @click.option("--eval-size", type=click.IntRange(1), default=2000, show_default=True,
@@ -69,7 +72,7 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
               help="Overwrite existing models; write the int8 model even when its gate fails (recorded).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the traceback of unexpected errors).")
-def main(checkpoint, out, name, quantize, calib_data, calib_size, eval_size, parity_size, opset, max_drop,
+def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eval_size, parity_size, opset, max_drop,
          min_agreement, calib_method, reduce_range, islands, latency_runs, force, quiet, verbose) -> None:
     """Export an agegender CHECKPOINT to ONNX, checked against torch (and int8 against fp32)."""
     _setup_logging(verbose, quiet)
@@ -78,6 +81,7 @@ def main(checkpoint, out, name, quantize, calib_data, calib_size, eval_size, par
     from agegender.export.onnx_export import ExportConfig
 
     cfg = ExportConfig(checkpoint=checkpoint, out=out, name=name, quantize=quantize, calib_data=calib_data,
+                       data_root=data_root,
                        calib_size=calib_size, eval_size=eval_size, parity_size=parity_size, opset=opset,
                        max_drop=max_drop, min_agreement=min_agreement, calib_method=calib_method,
                        reduce_range=reduce_range, islands=islands, latency_runs=latency_runs, force=force,

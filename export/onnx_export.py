@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -24,7 +24,7 @@ import torch
 from agegender import __version__
 from agegender.export import parity
 from agegender.export.net import ProbsModel, load_checkpoint, net_from_checkpoint
-from agegender.export.quantize import QuantSettings, describe_choice, preprocess, search
+from agegender.export.quantize import QuantizeError, QuantSettings, describe_choice, preprocess, search
 from agegender.runtime.fsutil import atomic_path, write_json
 from agegender.runtime.labels import AGE_GROUPS, GENDERS
 from agegender.runtime.model import FORMAT_VERSION, ModelError, OnnxClassifier
@@ -52,6 +52,7 @@ class ExportConfig:
     name: str = "agegender"
     quantize: bool = False
     calib_data: str | None = None
+    data_root: str | None = None
     calib_size: int = 300
     eval_size: int = 2000
     parity_size: int = 128
@@ -199,10 +200,11 @@ def _options(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, rep: Report) -> None:
-    src = parity.resolve_sources(ckpt, cfg.calib_data)
+    src = parity.resolve_sources(ckpt, cfg.calib_data, cfg.data_root)
     for note in src.notes:
         log.warning("%s", note)
-    test = parity.load_faces(src.test, size, cfg.eval_size, "test-fold faces", progress=cfg.progress)
+    n_test = cfg.eval_size if cfg.quantize else cfg.parity_size
+    test = parity.load_faces(src.test, size, n_test, "test-fold faces", progress=cfg.progress)
     need_calib = cfg.calib_size if cfg.quantize else 0
     calib = parity.load_faces(src.calib, size, max(need_calib, cfg.parity_size), "calibration faces", seed=1,
                               progress=cfg.progress)
@@ -273,7 +275,11 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
         wd = Path(work)
         prep = wd / "prep.onnx"
         preprocess(cfg.fp32_path, prep)
-        res = search(prep, calib_faces, evaluate, settings, wd, auto=cfg.islands)
+        try:
+            res = search(prep, calib_faces, evaluate, settings, wd, auto=cfg.islands)
+        except QuantizeError as e:
+            rep.set("int8", {"error": str(e), "written": False})
+            raise
         chosen = res.chosen
         assert chosen is not None
         info = {"path": str(cfg.int8_path), "settings": asdict(settings), "calibration_images": len(calib_faces),
@@ -287,8 +293,12 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
                              f"{len(res.attempts)} attempts (best: {chosen.name}); no int8 model written, "
                              f"see {cfg.report_path}; --force writes it anyway")
         with atomic_path(cfg.int8_path, suffix=".onnx") as tmp:
-            os.replace(chosen.path, tmp)
-            finish_model(tmp, metadata(ckpt, describe_choice(settings, res, len(calib_faces)), cfg.opset))
+            shutil.copyfile(chosen.path, tmp)
+            props = metadata(ckpt, describe_choice(settings, res, len(calib_faces)), cfg.opset)
+            props["int8_gate"] = json.dumps({k: chosen.gate.get(k) for k in
+                                             ("images", "agreement", "fp32_metrics", "int8_metrics", "drop_pt")
+                                             if chosen.gate.get(k) is not None})
+            finish_model(tmp, props)
             runtime_check(tmp)
             info["bytes"] = tmp.stat().st_size
         info["written"] = True

@@ -2,7 +2,7 @@
 
 Every image goes through the runtime's own reading and preprocessing: a pre-cropped dataset face
 is the whole image, prepared exactly as training evaluated it and as the runtime does for
-detector ``none`` (``prepare_face(read_image(path), None, 0.0, size)``).
+detector ``none`` (``preprocess.prepare_precropped``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from agegender.runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_h
 from agegender.runtime.imageio import ImageError, read_image
 from agegender.runtime.labels import age_in_group
 from agegender.runtime.metrics import age_gender_metrics
-from agegender.runtime.preprocess import prepare_face, to_input
+from agegender.runtime.preprocess import prepare_precropped, to_input
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class GateDataError(ValueError):
 
 def face_of(path: str | os.PathLike, size: int) -> np.ndarray:
     """A pre-cropped face image as the model sees it: (size, size, 3) uint8 RGB."""
-    return prepare_face(read_image(path), None, 0.0, size)
+    return prepare_precropped(read_image(path), size)
 
 
 @dataclass
@@ -99,16 +99,17 @@ class GateSources:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_sources(ckpt: dict[str, Any], calib_data: str | None) -> GateSources:
+def resolve_sources(ckpt: dict[str, Any], calib_data: str | None, data_root: str | None = None) -> GateSources:
     """Calibration records (``--calib-data`` or the checkpoint's training folds) and test-fold records.
 
     Test = the checkpoint's test fold (fold == data.fold) without the holdout; training = the other
-    folds without the holdout, as train-adience split them (holdout by file name).
+    folds without the holdout, as train-adience split them (holdout by file name). ``data_root``
+    replaces the checkpoint's data root (the same dataset moved to another place).
     """
     notes: list[str] = []
     data = ckpt.get("data") or {}
     records: list[Record] = []
-    root = data.get("root")
+    root = data_root or data.get("root")
     if not root:
         notes.append("the checkpoint names no training data")
     elif not Path(root).exists():
@@ -134,7 +135,7 @@ def resolve_sources(ckpt: dict[str, Any], calib_data: str | None) -> GateSources
     if calib_data:
         calib, calib_source = _calib_records(Path(calib_data)), str(calib_data)
         test_paths = {r.path for r in test}
-        calib = [r for r in calib if r.path not in test_paths]
+        calib = [r for r in calib if r.path not in test_paths and not is_holdout(Path(r.path).name, holdout)]
     else:
         calib, calib_source = train, f"{root} training folds" if train else "none"
     return GateSources(calib, test, calib_source, test_source, notes)

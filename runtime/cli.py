@@ -22,7 +22,7 @@ import click
 
 from agegender import __version__
 from agegender.runtime.detect import DETECTORS, DetectorError, fetch_yunet
-from agegender.runtime.imageio import ImageError, read_image
+from agegender.runtime.imageio import IMAGE_EXTS, ImageError, read_image
 from agegender.runtime.labels import AGE_GROUPS
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agegender.runtime.cli")
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pnm"}
 WRITABLE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PROGRESS_MIN_INPUTS = 5
 CSV_COLUMNS = ["path", "frame", "width", "height", "face", "x1", "y1", "x2", "y2", "det_score", "age", "gender",

@@ -17,11 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agegender.runtime.imageio import IMAGE_EXTS
 from agegender.runtime.labels import AGE_GROUPS, age_to_group, gender_to_index
 
 ADIENCE_FOLDS = 5
 ADIENCE_HEADER = ("user_id", "original_image", "face_id", "age", "gender")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)\.jpg(\.chip\.jpg)?$", re.IGNORECASE)
 
 

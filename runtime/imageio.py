@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm",
+                        ".pnm"})
 MAX_PIXELS = 64_000_000  # refuse images claiming more pixels than this before decoding them
 MAX_FILE_BYTES = 256 * 1024 * 1024
 

