@@ -62,7 +62,12 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
               help="int8 gate: largest accuracy drop, in percentage points, on every metric.")
 @click.option("--min-agreement", default="age=0.97,gender=0.99", show_default=True, callback=_parse_agreement,
               help="int8 gate: top-1 agreement with fp32, per head (or one number for both).")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True)
+@click.option("--agreement-margin", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="int8 gate: count agreement only on faces whose fp32 top-1 probability leads the second "
+                   "by at least this much (0 = every face). Near-ties flip under any quantization noise "
+                   "without changing accuracy.")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="auto", show_default=True,
+              help="Calibration; auto tries minmax, then percentile, and keeps the better.")
 @click.option("--reduce-range", is_flag=True, help="7-bit weights (x86 CPUs without VNNI).")
 @click.option("--islands/--no-islands", default=True, show_default=True,
               help="When plain int8 fails the gate, retry with growing float islands.")
@@ -73,7 +78,8 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the traceback of unexpected errors).")
 def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eval_size, parity_size, opset, max_drop,
-         min_agreement, calib_method, reduce_range, islands, latency_runs, force, quiet, verbose) -> None:
+         min_agreement, agreement_margin, calib_method, reduce_range, islands, latency_runs, force, quiet,
+         verbose) -> None:
     """Export an agegender CHECKPOINT to ONNX, checked against torch (and int8 against fp32)."""
     _setup_logging(verbose, quiet)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -83,7 +89,8 @@ def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eva
     cfg = ExportConfig(checkpoint=checkpoint, out=out, name=name, quantize=quantize, calib_data=calib_data,
                        data_root=data_root,
                        calib_size=calib_size, eval_size=eval_size, parity_size=parity_size, opset=opset,
-                       max_drop=max_drop, min_agreement=min_agreement, calib_method=calib_method,
+                       max_drop=max_drop, min_agreement=min_agreement, agreement_margin=agreement_margin,
+                       calib_method=calib_method,
                        reduce_range=reduce_range, islands=islands, latency_runs=latency_runs, force=force,
                        progress=not quiet)
     sys.exit(run(cfg, verbose))

@@ -59,7 +59,8 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     max_drop: float = 0.5
     min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
-    calib_method: str = "minmax"
+    agreement_margin: float = 0.0
+    calib_method: str = "auto"
     reduce_range: bool = False
     islands: bool = True
     latency_runs: int = 50
@@ -161,7 +162,7 @@ class Report:
 
 
 def _thresholds(cfg: ExportConfig) -> parity.Int8Thresholds:
-    return parity.Int8Thresholds(cfg.max_drop, tuple(cfg.min_agreement))
+    return parity.Int8Thresholds(cfg.max_drop, tuple(cfg.min_agreement), cfg.agreement_margin)
 
 
 def check_outputs(cfg: ExportConfig) -> None:
@@ -282,7 +283,8 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
             raise
         chosen = res.chosen
         assert chosen is not None
-        info = {"path": str(cfg.int8_path), "settings": asdict(settings), "calibration_images": len(calib_faces),
+        info = {"path": str(cfg.int8_path), "settings": asdict(chosen.settings), "requested": asdict(settings),
+                "calibration_images": len(calib_faces),
                 "gate_mode": mode, "thresholds": th.to_dict(), "passed": res.passed, "strategy": chosen.name,
                 "gate": chosen.gate, "attempts": [a.summary() for a in res.attempts],
                 "sensitivity_nsr": {k: round(v, 6) for k, v in res.sensitivity.items()}, "written": False}
@@ -294,7 +296,7 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
                              f"see {cfg.report_path}; --force writes it anyway")
         with atomic_path(cfg.int8_path, suffix=".onnx") as tmp:
             shutil.copyfile(chosen.path, tmp)
-            props = metadata(ckpt, describe_choice(settings, res, len(calib_faces)), cfg.opset)
+            props = metadata(ckpt, describe_choice(res, len(calib_faces)), cfg.opset)
             props["int8_gate"] = json.dumps({k: chosen.gate.get(k) for k in
                                              ("images", "agreement", "fp32_metrics", "int8_metrics", "drop_pt")
                                              if chosen.gate.get(k) is not None})
@@ -304,6 +306,9 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
         info["written"] = True
     info["latency_ms_1thread"] = parity.latency_ms(cfg.int8_path, gate_faces.faces[0], cfg.latency_runs)
     rep.data["speedup_1thread"] = rep.data["fp32"]["latency_ms_1thread"] / max(info["latency_ms_1thread"], 1e-9)
+    if rep.data["speedup_1thread"] < 1.0:
+        log.warning("the int8 model (%s) is not faster than fp32 on this CPU: %.2f vs %.2f ms/face",
+                    chosen.name, info["latency_ms_1thread"], rep.data["fp32"]["latency_ms_1thread"])
     if not res.passed:
         raise GateFailed(f"int8 gate failed ({'; '.join(chosen.gate['failures'])}); written anyway "
                          f"(--force) to {cfg.int8_path}, the failure is recorded in its metadata")

@@ -29,6 +29,7 @@ from agegender.runtime.preprocess import prepare_precropped, to_input
 log = logging.getLogger(__name__)
 
 PARITY_MIN_IMAGES = 64
+CONFIDENT_MARGIN = 0.1
 METRIC_KEYS = ("age_exact", "age_1off", "gender_acc")
 
 
@@ -223,30 +224,62 @@ def metrics_of(probs: dict[str, np.ndarray], records: list[Record]) -> dict[str,
     return age_gender_metrics(age if ap is not None else None, ap, gender if gp is not None else None, gp, scored)
 
 
-def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
-    """Top-1 agreement per head: {"age": ..., "gender": ...}."""
-    return {name.removesuffix("_probs"): float((a[name].argmax(1) == b[name].argmax(1)).mean())
-            for name in a if len(a[name])}
+def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], margin: float = 0.0) -> dict[str, float]:
+    """Top-1 agreement per head: {"age": ..., "gender": ...}; with ``margin`` > 0 only over the faces
+    whose top-1 probability in ``a`` leads the second by at least ``margin``."""
+    out = {}
+    for name, pa in a.items():
+        if not len(pa):
+            continue
+        same = pa.argmax(1) == b[name].argmax(1)
+        if margin > 0:
+            top2 = np.sort(pa, 1)[:, -2:]
+            same = same[(top2[:, 1] - top2[:, 0]) >= margin]
+        out[name.removesuffix("_probs")] = float(same.mean()) if len(same) else 1.0
+    return out
+
+
+def confident_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], margin: float = CONFIDENT_MARGIN
+                        ) -> dict[str, dict[str, float]]:
+    """Agreement on the faces where ``a`` is not near a tie (top-1 minus top-2 >= ``margin``), for the
+    report: flips between two nearly equal classes change no accuracy but weigh on plain agreement."""
+    out = {}
+    for name, pa in a.items():
+        if not len(pa):
+            continue
+        top2 = np.sort(pa, 1)[:, -2:]
+        keep = (top2[:, 1] - top2[:, 0]) >= margin
+        same = pa.argmax(1) == b[name].argmax(1)
+        out[name.removesuffix("_probs")] = {"margin": margin, "share_of_faces": float(keep.mean()),
+                                            "agreement": float(same[keep].mean()) if keep.any() else float("nan")}
+    return out
 
 
 @dataclass(frozen=True)
 class Int8Thresholds:
     max_drop_pt: float = 0.5  # accuracy drop allowed on every metric, percentage points
     min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
+    agreement_margin: float = 0.0  # > 0: agreement counted only where fp32's top-1 leads by this much
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_drop_pt": self.max_drop_pt, "min_agreement": dict(self.min_agreement)}
+        return {"max_drop_pt": self.max_drop_pt, "min_agreement": dict(self.min_agreement),
+                "agreement_margin": self.agreement_margin}
 
 
 def int8_gate(fp32_probs: dict[str, np.ndarray], int8_probs: dict[str, np.ndarray],
               records: list[Record] | None, th: Int8Thresholds) -> dict[str, Any]:
     """Accuracy drop (when ``records`` carry labels) and top-1 agreement of int8 with fp32."""
     failures: list[str] = []
-    agree = agreement(fp32_probs, int8_probs)
+    agree = agreement(fp32_probs, int8_probs, th.agreement_margin)
     for head, need in th.min_agreement:
         if head in agree and agree[head] < need:
             failures.append(f"{head} agreement {agree[head]:.4f} < {need:.4f}")
-    out: dict[str, Any] = {"images": len(next(iter(fp32_probs.values()))), "agreement": agree}
+    out: dict[str, Any] = {"images": len(next(iter(fp32_probs.values()))), "agreement": agree,
+                           "agreement_all_faces": agreement(fp32_probs, int8_probs),
+                           "agreement_confident": confident_agreement(fp32_probs, int8_probs)}
+    if "age_probs" in fp32_probs and len(fp32_probs["age_probs"]):
+        a32, a8 = fp32_probs["age_probs"].argmax(1), int8_probs["age_probs"].argmax(1)
+        out["age_agreement_1off"] = float((np.abs(a32 - a8) <= 1).mean())
     if records is not None:
         m32, m8 = metrics_of(fp32_probs, records), metrics_of(int8_probs, records)
         drops = {k: (m32[k] - m8[k]) * 100.0 for k in METRIC_KEYS if k in m32 and not math.isnan(m32[k])}

@@ -28,6 +28,9 @@ from fakedata import make_csv
 
 ARCH, SIZE = "mobilenetv3_small_050", 32
 FAST = dict(latency_runs=2, progress=False, parity_size=64)
+# 20 test images: one flipped face is 5 %, so runs that must pass gate on looser (recorded) thresholds;
+# the default thresholds are exercised by the failing runs below and by test_export_quantize.py
+LOOSE = dict(max_drop=10.0, min_agreement=(("age", 0.9), ("gender", 0.95)))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,9 @@ def trained(tmp_path_factory, one_thread) -> dict:
         opt.step()
     net.eval()
     data = {"root": str(csv), "format": "csv", "fold": 0, "nfolds": 5, "holdout": 0.0}
-    ckpt = make_checkpoint(net, crop_margin=0.1, config={"arch": ARCH}, data=data, train_data="csv:generated (80 images)",
-                           fold=0, epoch=1, metrics={"test": {"age_exact": 0.5, "gender_acc": 0.9}})
+    ckpt = make_checkpoint(net, crop_margin=0.1, config={"arch": ARCH}, data=data,
+                           train_data="csv:generated (80 images)", fold=0, epoch=1,
+                           metrics={"test": {"age_exact": 0.5, "gender_acc": 0.9}})
     save_checkpoint(root / "tiny.pt", ckpt)
     return {"root": root, "ckpt": root / "tiny.pt", "csv": csv, "records": records}
 
@@ -80,10 +84,7 @@ def leftovers(out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("out")
-    # 20 test images: one flipped face is 5 %, so this run gates on looser (recorded) thresholds;
-    # the default thresholds are exercised by the failing runs below and by test_export_quantize.py
-    code = run(cfg_for(trained, out, quantize=True, calib_size=64, max_drop=10.0,
-                       min_agreement=(("age", 0.9), ("gender", 0.95))))
+    code = run(cfg_for(trained, out, quantize=True, calib_size=64, **LOOSE))
     return {"code": code, "out": out, "report": json.loads((out / "parity.json").read_text())}
 
 
@@ -137,7 +138,8 @@ def test_parity_report_holds_every_number(exported):
     assert fp["bytes"] > 0 and fp["latency_ms_1thread"] > 0
     q = rep["int8"]
     assert q["passed"] and q["written"] and q["bytes"] > 0 and q["latency_ms_1thread"] > 0
-    assert q["thresholds"] == {"max_drop_pt": 10.0, "min_agreement": {"age": 0.9, "gender": 0.95}}
+    assert q["thresholds"] == {"max_drop_pt": 10.0, "min_agreement": {"age": 0.9, "gender": 0.95},
+                               "agreement_margin": 0.0}
     assert rep["options"]["min_agreement"] == {"age": 0.9, "gender": 0.95}
     assert q["gate_mode"].startswith("test fold") and q["gate"]["images"] == 20
     assert set(q["gate"]["drop_pt"]) == {"age_exact", "age_1off", "gender_acc"}
@@ -188,8 +190,12 @@ def test_fp32_gate_failure_under_force_removes_the_older_file(trained, tmp_path,
     out.mkdir()
     (out / "agegender_fp32.onnx").write_bytes(b"an older model")
     real = onnx_export.export_onnx
-    monkeypatch.setattr(onnx_export, "export_onnx", lambda m, p, s, o: (real(m, p, s, o),
-                                                                         _perturb_node_output(p, "age_probs", [0.5] + [0.0] * 7)))
+
+    def broken(model, path, size, opset):
+        real(model, path, size, opset)
+        _perturb_node_output(path, "age_probs", [0.5] + [0.0] * 7)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
     assert run(cfg_for(trained, out, force=True)) == 1
     assert leftovers(out) == []
 
@@ -197,8 +203,8 @@ def test_fp32_gate_failure_under_force_removes_the_older_file(trained, tmp_path,
 def _break_int8(monkeypatch):
     real = quantize.quantize
 
-    def broken(prep, out, faces, settings, exclude, cache):
-        real(prep, out, faces, settings, exclude, cache)
+    def broken(prep, out, *args, **kwargs):
+        real(prep, out, *args, **kwargs)
         _perturb_node_output(Path(out), "age_probs", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6])
 
     monkeypatch.setattr(quantize, "quantize", broken)
@@ -214,10 +220,11 @@ def test_int8_gate_fails_after_every_float_island(trained, tmp_path, monkeypatch
     assert leftovers(out) == ["agegender_fp32.onnx"]  # fp32 passed its own gate; no int8 file
     q = json.loads((out / "parity.json").read_text())["int8"]
     assert not q["passed"] and not q["written"]
-    names = [a["name"] for a in q["attempts"]]
-    assert names[:2] == ["plain", "cheap-islands"] and names[-1].startswith("sensitive-")
-    floats = [a["float_nodes"] for a in q["attempts"]]
-    assert floats == sorted(floats) and len(set(floats)) == len(floats)  # each try keeps more in float
+    tries = [(a["name"], a["calib_method"]) for a in q["attempts"]]
+    assert tries[:3] == [("plain", "minmax"), ("plain", "percentile"), ("cheap-islands", q["settings"]["calib_method"])]
+    assert tries[-1][0].startswith("sensitive-") and len(tries) == 6
+    floats = [a["float_nodes"] for a in q["attempts"][1:]]
+    assert floats == sorted(floats) and len(set(floats)) == len(floats)  # each rung keeps more in float
     assert any("age agreement" in f for f in q["gate"]["failures"])
 
 
@@ -228,7 +235,7 @@ def test_int8_force_writes_the_failed_model_and_says_so(trained, tmp_path, monke
     meta = OnnxClassifier(out / "agegender_int8.onnx").meta
     assert "INT8 GATE FAILED" in meta.quantization and "age agreement" in meta.quantization
     q = json.loads((out / "parity.json").read_text())["int8"]
-    assert q["written"] and not q["passed"] and [a["name"] for a in q["attempts"]] == ["plain"]
+    assert q["written"] and not q["passed"] and [a["name"] for a in q["attempts"]] == ["plain", "plain"]
 
 
 def test_bad_thresholds_are_usage_errors(trained, tmp_path):
@@ -243,7 +250,7 @@ def test_no_data_needs_calib_data_and_gates_on_agreement(trained, tmp_path):
     ckpt = load_checkpoint(trained["ckpt"])
     ckpt["data"] = {"root": str(tmp_path / "gone"), "format": "csv", "fold": 0, "nfolds": 5, "holdout": 0.0}
     save_checkpoint(tmp_path / "nodata.pt", ckpt)
-    cfg = ExportConfig(checkpoint=str(tmp_path / "nodata.pt"), out=str(tmp_path / "a"), quantize=True, **FAST)
+    cfg = ExportConfig(checkpoint=str(tmp_path / "nodata.pt"), out=str(tmp_path / "a"), quantize=True, **FAST, **LOOSE)
     res = CliRunner().invoke(main, [cfg.checkpoint, "--out", cfg.out, "-q"])
     assert res.exit_code == 1 and "--calib-data" in res.stderr and "absent" in res.stderr
     assert leftovers(Path(cfg.out)) == []
@@ -293,3 +300,19 @@ def test_entry_point_error_has_no_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-c", "from agegender._entry import export_onnx; export_onnx()",
                           "--bogus"], capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_single_task_model_exports_its_one_output(trained, tmp_path):
+    torch.manual_seed(1)
+    net = AgeGenderNet(ModelArgs(arch=ARCH, img_size=SIZE, task="gender")).eval()
+    data = {"root": str(trained["csv"]), "format": "csv", "fold": 0, "nfolds": 5, "holdout": 0.0}
+    save_checkpoint(tmp_path / "g.pt", make_checkpoint(net, crop_margin=0.0, config={}, data=data, train_data="csv",
+                                                       fold=0, epoch=0, metrics={}))
+    cfg = ExportConfig(checkpoint=str(tmp_path / "g.pt"), out=str(tmp_path / "o"), name="gender-only", quantize=True,
+                       calib_size=32, **FAST, **LOOSE)
+    assert run(cfg) == 0
+    clf = OnnxClassifier(cfg.fp32_path)
+    assert clf.meta.task == "gender" and clf.output_names == ["gender_probs"]
+    rep = json.loads(cfg.report_path.read_text())
+    assert cfg.report_path.name == "gender-only_parity.json" and cfg.int8_path.is_file()
+    assert set(rep["int8"]["gate"]["agreement"]) == {"gender"} and set(rep["int8"]["gate"]["drop_pt"]) == {"gender_acc"}

@@ -64,6 +64,18 @@ def test_int8_gate_thresholds_on_agreement_and_drop():
     res = parity.int8_gate(fp32, with_flips(7, 3), records, loose)
     assert res["failures"] == ["age agreement 0.9650 < 0.9700", "gender agreement 0.9850 < 0.9900"]
     assert res["slack"] < 0 < ok["slack"]
+    # --agreement-margin: near-ties in fp32 do not count
+    probs = _onehot(age, 8)
+    probs[:10] = 0.0
+    probs[np.arange(10), age[:10]] = 0.46
+    probs[np.arange(10), (age[:10] + 1) % 8] = 0.44  # ten faces with a 0.02 lead
+    tied = {"age_probs": probs, "gender_probs": fp32["gender_probs"]}
+    flips = with_flips(10, 0)
+    assert not parity.int8_gate(tied, flips, None, th)["passed"]
+    margin = parity.Int8Thresholds(agreement_margin=0.05)
+    res = parity.int8_gate(tied, flips, None, margin)
+    assert res["passed"] and res["agreement"]["age"] == 1.0 and res["agreement_all_faces"]["age"] == 0.95
+    assert res["agreement_confident"]["age"]["share_of_faces"] == pytest.approx(0.95)
     # without labels only agreement is judged
     assert "drop_pt" not in parity.int8_gate(fp32, with_flips(2, 0), None, th)
 
@@ -150,19 +162,21 @@ def test_search_keeps_more_in_float_until_the_gate_passes(v3, tmp_path):
         return {"passed": ok, "failures": [] if ok else ["too few float convs"], "slack": n_float_convs - 30.0,
                 "agreement": {}}
 
-    res = quantize.search(prep, faces, evaluate, quantize.QuantSettings(), tmp_path)
+    res = quantize.search(prep, faces, evaluate, quantize.QuantSettings("minmax"), tmp_path)
     names = [a.name for a in res.attempts]
     assert names[:2] == ["plain", "cheap-islands"] and names[-1].startswith("sensitive-") and res.passed
     assert seen == sorted(seen) and seen[-1] >= 30 > seen[-2]
     assert len(res.attempts[0].excluded) == n_head and len(res.attempts[1].excluded) == n_head + n_isl
     assert res.sensitivity and all(v >= 0 for v in res.sensitivity.values())
     assert set(res.chosen.excluded) >= set(res.attempts[1].excluded)
-    text = quantize.describe_choice(quantize.QuantSettings(), res, 24)
+    text = quantize.describe_choice(res, 24)
     assert text.startswith("int8: QDQ static int8") and res.chosen.name in text and "FAILED" not in text
 
     never = quantize.search(prep, faces, lambda p: {"passed": False, "failures": ["no"], "slack": -1.0},
-                            quantize.QuantSettings(), tmp_path, auto=False)
-    assert [a.name for a in never.attempts] == ["plain"] and not never.passed
+                            quantize.QuantSettings(), tmp_path, auto=False)  # calib "auto": two plain tries
+    assert [(a.name, a.settings.calib_method) for a in never.attempts] == [("plain", "minmax"),
+                                                                           ("plain", "percentile")]
+    assert not never.passed
 
 
 def test_unusable_calibration_method_is_one_clear_error(v3, tmp_path, monkeypatch):
@@ -176,3 +190,16 @@ def test_unusable_calibration_method_is_one_clear_error(v3, tmp_path, monkeypatc
     with pytest.raises(quantize.QuantizeError, match="percentile calibration.*try --calib-method minmax"):
         quantize.quantize(prep, tmp_path / "q.onnx", np.zeros((2, 64, 64, 3), np.uint8),
                           quantize.QuantSettings(calib_method="percentile"), [], tmp_path / "c.json")
+
+
+def test_histogram_calibration_gets_equal_batches(v3, tmp_path):
+    """onnxruntime's entropy/percentile calibrators stack batches: a short last batch used to break them."""
+    reader = quantize.FaceReader(np.zeros((30, 8, 8, 3), np.uint8), 16)
+    sizes = [b["image"].shape[0] for b in reader]
+    assert sizes == [15, 15] and len(reader) == 2
+    prep, _ = v3
+    faces = np.random.default_rng(1).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
+    for method in ("percentile", "entropy"):
+        quantize.quantize(prep, tmp_path / f"{method}.onnx", faces, quantize.QuantSettings(method), [],
+                          tmp_path / f"{method}.json")
+        assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / f"{method}.onnx")).graph.node)

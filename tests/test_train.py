@@ -75,6 +75,15 @@ def test_checkpoint_rebuilds_the_model_from_the_file_alone(full_run):
     assert out["age"].shape == (2, 8) and out["gender"].shape == (2, 2)
 
 
+def test_distillation_from_a_teacher_checkpoint(full_run, adience, tmp_path):
+    out = tmp_path / "student"
+    res = train("--data", str(adience), "--folds", "0", "--out", str(out), *QUICK, "--img-size", "48",
+                "--arch", "mobilenetv3_small_050", "--teacher", str(full_run / "fold0" / "best.pt"), "--epochs", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    ckpt = load_checkpoint(out / "fold0" / "best.pt")
+    assert ckpt["config"]["teacher"].endswith("best.pt") and ckpt["model_args"]["img_size"] == 48
+
+
 def test_existing_out_is_refused_without_resume_or_force(full_run, adience):
     res = train("--data", str(adience), "--folds", "0", "--out", str(full_run), *QUICK)
     assert res.returncode == 1 and "--resume" in res.stderr and "Traceback" not in res.stderr

@@ -78,12 +78,19 @@ def _check_pretrained(arch: str) -> None:
 @click.option("--max-images", type=click.IntRange(1), default=None, help="Use a random subset (quick trials).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where decoded faces are cached (default OUT/cache).")
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A trained agegender checkpoint to distil from (any arch; same input size).")
+@click.option("--distill-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of the distillation loss against the label loss.")
+@click.option("--distill-temp", type=click.FloatRange(0.1, 20), default=2.0, show_default=True,
+              help="Softmax temperature of distillation.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT.")
 @click.option("--force", is_flag=True, help="Start over in an existing OUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weights, freeze_backbone, folds_opt,
          holdout, val_frac, epochs, batch_size, lr, weight_decay, label_smoothing, schedule, drop_rate, augment,
-         workers, device, seed, crop_margin, max_images, cache_dir, resume, force, quiet):
+         workers, device, seed, crop_margin, max_images, cache_dir, teacher, distill_alpha, distill_temp, resume, force,
+         quiet):
     """Train an age-group/gender classifier with subject-exclusive k-fold cross-validation.
 
     Each test fold gets a fresh model, optimizer, scheduler and seed; the validation split
@@ -116,7 +123,8 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
                           val_frac=val_frac, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           label_smoothing=label_smoothing, schedule=schedule, drop_rate=drop_rate, augment=augment,
                           workers=workers, device=device, seed=seed, crop_margin=crop_margin, max_images=max_images,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, teacher=str(Path(teacher).resolve()) if teacher else None,
+                          distill_alpha=distill_alpha, distill_temp=distill_temp)
         saved = load_saved_config(out_path)
         if saved is not None and not (resume or force):
             raise click.ClickException(f"{out_path} already holds a run; use --resume to continue it or --force "

@@ -35,6 +35,9 @@ class TrainConfig:
     crop_margin: float = 0.0
     max_images: int | None = None
     cache_dir: str | None = None
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temp: float = 2.0
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from agegender.export.net import AgeGenderNet, ModelArgs, create_net, load_checkpoint, make_checkpoint, save_checkpoint
+from agegender.export.net import (AgeGenderNet, ModelArgs, create_net, load_checkpoint, make_checkpoint,
+                                  net_from_checkpoint, save_checkpoint)
 from agegender.runtime.fsutil import write_json, write_text
 from agegender.runtime.labels import AGE_GROUPS, GENDERS
 from agegender.runtime.metrics import age_gender_metrics, confusion
@@ -90,6 +91,23 @@ def _loss(out: dict[str, torch.Tensor], age: torch.Tensor, gender: torch.Tensor,
     if "gender" in out and (gender >= 0).any():
         total = total + F.cross_entropy(out["gender"], gender, ignore_index=-1, label_smoothing=smoothing)
     return total
+
+
+def _distill_loss(out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor], temp: float) -> torch.Tensor:
+    """KL divergence to the teacher's softened probabilities, per head (Hinton et al.)."""
+    total = out[next(iter(out))].sum() * 0.0
+    for name, logits in out.items():
+        if name in teacher_out:
+            total = total + F.kl_div(F.log_softmax(logits / temp, 1), F.softmax(teacher_out[name] / temp, 1),
+                                     reduction="batchmean") * temp * temp
+    return total
+
+
+def load_teacher(path: str, device: torch.device) -> AgeGenderNet:
+    teacher = net_from_checkpoint(load_checkpoint(path)).to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 @torch.no_grad()
@@ -170,6 +188,7 @@ def train_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: 
     if di.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = device.type == "cuda"
+    teacher = load_teacher(cfg.teacher, device) if cfg.teacher else None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, best_score, history = 1, -1.0, []
@@ -208,6 +227,12 @@ def train_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: 
             with torch.autocast(device.type, enabled=use_amp):
                 out = model(x)
                 loss = _loss(out, age, gender, cfg.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        ts = teacher.args.img_size
+                        t_out = teacher(x if ts == x.shape[-1] else
+                                        F.interpolate(x, size=(ts, ts), mode="bilinear", align_corners=False))
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * _distill_loss(out, t_out, cfg.distill_temp)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
