@@ -73,13 +73,16 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
               help="When plain int8 fails the gate, retry with growing float islands.")
 @click.option("--latency-runs", type=click.IntRange(1), default=50, show_default=True,
               help="Runs for the 1-thread latency median.")
+@click.option("--crop-margin", type=click.FloatRange(-0.3, 2.0), default=None,
+              help="Override the checkpoint's crop margin (the runtime's box expansion), e.g. one measured "
+                   "with benchmarks/measure_crop_margin.py after training.")
 @click.option("--force", is_flag=True,
               help="Overwrite existing models; write the int8 model even when its gate fails (recorded).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the traceback of unexpected errors).")
 def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eval_size, parity_size, opset, max_drop,
-         min_agreement, agreement_margin, calib_method, reduce_range, islands, latency_runs, force, quiet,
-         verbose) -> None:
+         min_agreement, agreement_margin, calib_method, reduce_range, islands, latency_runs, crop_margin, force,
+         quiet, verbose) -> None:
     """Export an agegender CHECKPOINT to ONNX, checked against torch (and int8 against fp32)."""
     _setup_logging(verbose, quiet)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -91,7 +94,8 @@ def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eva
                        calib_size=calib_size, eval_size=eval_size, parity_size=parity_size, opset=opset,
                        max_drop=max_drop, min_agreement=min_agreement, agreement_margin=agreement_margin,
                        calib_method=calib_method,
-                       reduce_range=reduce_range, islands=islands, latency_runs=latency_runs, force=force,
+                       reduce_range=reduce_range, islands=islands, latency_runs=latency_runs, crop_margin=crop_margin,
+                       force=force,
                        progress=not quiet)
     sys.exit(run(cfg, verbose))
 

@@ -60,6 +60,7 @@ class ExportConfig:
     max_drop: float = 0.5
     min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
     agreement_margin: float = 0.0
+    crop_margin: float | None = None
     calib_method: str = "auto"
     reduce_range: bool = False
     islands: bool = True
@@ -179,6 +180,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """The whole export; returns the report (also written to parity.json). Raises GateFailed."""
     check_outputs(cfg)
     ckpt = load_checkpoint(cfg.checkpoint)
+    if cfg.crop_margin is not None:  # measured after training (benchmarks/measure_crop_margin.py)
+        ckpt["crop_margin"] = float(cfg.crop_margin)
     net = net_from_checkpoint(ckpt)
     size = int(ckpt["model_args"]["img_size"])
     model = ProbsModel(net).eval()
@@ -202,8 +205,8 @@ def _options(cfg: ExportConfig) -> dict[str, Any]:
 
 def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, rep: Report) -> None:
     src = parity.resolve_sources(ckpt, cfg.calib_data, cfg.data_root)
-    for note in src.notes:
-        log.warning("%s", note)
+    for note in src.notes:  # also in parity.json, and in the error when images run short
+        log.info("%s", note)
     n_test = cfg.eval_size if cfg.quantize else cfg.parity_size
     test = parity.load_faces(src.test, size, n_test, "test-fold faces", progress=cfg.progress)
     need_calib = cfg.calib_size if cfg.quantize else 0

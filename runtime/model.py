@@ -56,7 +56,7 @@ class ModelMeta:
             raise ModelError(f"{source}: malformed metadata ({e})") from None
         if props["task"] not in TASK_OUTPUTS:
             raise ModelError(f"{source}: unknown task {props['task']!r} in metadata")
-        if input_size < 8 or input_size > 2048 or not (0.0 <= crop_margin <= 2.0):
+        if input_size < 8 or input_size > 2048 or not (-0.3 <= crop_margin <= 2.0):
             raise ModelError(f"{source}: implausible input_size {input_size} or crop_margin {crop_margin}")
         return cls(age_groups, genders, input_size, crop_margin, props["arch"], props["task"],
                    props["quantization"], props["train_data"], metrics, props["package_version"], dict(props))

@@ -10,9 +10,10 @@
 # the repository (git's tracked + untracked-not-ignored files), the models and the images into a
 # work folder that is bind-mounted into the rootfs, and `pip install .` there into a venv (runtime
 # only, no torch; numpy/opencv-python-headless/onnxruntime pinned to the host's versions unless
-# --no-pin); (4) run `agegender-run --json --threads 1 --detector none|haar --model int8|fp32` on
-# the images in the rootfs (arm64) and with the host's runtime (x86); (5) compare: same results,
-# same boxes, same top-1 age group and gender for every face, fp32 probabilities within --tol.
+# --no-pin); (4) run `agegender-run --json --threads 1 --detector none|haar[|yunet] --model
+# int8|fp32` on the images in the rootfs (arm64, once per --cpus core: Cortex-A72 and -A76, the
+# Pi 4 and Pi 5 cores) and with the host's runtime (x86); (5) compare: same results, same boxes,
+# same top-1 age group and gender for every face, fp32 probabilities (and det scores) within --tol.
 #
 # Exit status: 0 same answers; 1 any difference; 2 usage or setup error (missing model, failed
 # debootstrap/pip); 77 this host cannot emulate arm64 (not root, no qemu-user-static, no

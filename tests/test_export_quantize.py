@@ -199,7 +199,7 @@ def test_histogram_calibration_gets_equal_batches(v3, tmp_path):
     assert sizes == [15, 15] and len(reader) == 2
     prep, _ = v3
     faces = np.random.default_rng(1).integers(0, 255, (30, 64, 64, 3), dtype=np.uint8)
-    for method in ("percentile", "entropy"):
+    for method in ("percentile",):  # entropy shares its histogram collector (and is slower)
         quantize.quantize(prep, tmp_path / f"{method}.onnx", faces, quantize.QuantSettings(method), [],
                           tmp_path / f"{method}.json")
         assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / f"{method}.onnx")).graph.node)

@@ -73,7 +73,7 @@ def _check_pretrained(arch: str) -> None:
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--crop-margin", type=click.FloatRange(0, 2), default=0.0, show_default=True,
+@click.option("--crop-margin", type=click.FloatRange(-0.3, 2), default=0.0, show_default=True,
               help="Stored in checkpoints: how far the runtime widens a detector box to frame faces like these.")
 @click.option("--max-images", type=click.IntRange(1), default=None, help="Use a random subset (quick trials).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
