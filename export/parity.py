@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from agegender.runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, read_dataset
+from agegender.runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, label_arrays, read_dataset
 from agegender.runtime.imageio import ImageError, read_image
-from agegender.runtime.labels import age_in_group
 from agegender.runtime.metrics import age_gender_metrics
 from agegender.runtime.preprocess import prepare_precropped, to_input
 
@@ -206,15 +205,6 @@ def parity_gate(torch_probs: dict[str, np.ndarray], ort_probs: dict[str, np.ndar
     passed = max_diff <= tol and not any(mismatches.values())
     return {"passed": passed, "images": n, "max_abs_diff": max_diff, "tolerance": tol,
             "top1_mismatches": mismatches}
-
-
-def label_arrays(records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(age [-1 none], gender [-1 unknown], age scored mask): ages outside every group are not scored."""
-    age = np.array([-1 if r.age is None else r.age for r in records], np.int64)
-    gender = np.array([-1 if r.gender is None else r.gender for r in records], np.int64)
-    scored = np.array([r.age is not None and (r.exact_age is None or age_in_group(r.exact_age)) for r in records],
-                      bool)
-    return age, gender, scored
 
 
 def metrics_of(probs: dict[str, np.ndarray], records: list[Record]) -> dict[str, float | int]:

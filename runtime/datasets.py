@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agegender.runtime.imageio import IMAGE_EXTS
-from agegender.runtime.labels import AGE_GROUPS, age_to_group, gender_to_index
+from agegender.runtime.labels import AGE_GROUPS, age_in_group, age_to_group, gender_to_index
 
 ADIENCE_FOLDS = 5
 ADIENCE_HEADER = ("user_id", "original_image", "face_id", "age", "gender")
@@ -232,3 +232,17 @@ def read_dataset(path: str | os.PathLike, fmt: str = "auto", check_images: bool 
 
 def age_group_name(idx: int | None) -> str:
     return "none" if idx is None else AGE_GROUPS[idx]
+
+
+def label_arrays(records: list[Record]):
+    """(age [-1 = none], gender [-1 = unknown], age-scored mask) numpy arrays of a record list.
+
+    Exact ages outside every group (UTKFace's 3, 35, ...) train but are not scored.
+    """
+    import numpy as np
+
+    age = np.array([-1 if r.age is None else r.age for r in records], np.int64)
+    gender = np.array([-1 if r.gender is None else r.gender for r in records], np.int64)
+    scored = np.array([r.age is not None and (r.exact_age is None or age_in_group(r.exact_age)) for r in records],
+                      bool)
+    return age, gender, scored

@@ -20,7 +20,8 @@ from agegender.export import onnx_export, quantize
 from agegender.export.cli import main, run
 from agegender.export.net import ModelArgs, AgeGenderNet, load_checkpoint, make_checkpoint, save_checkpoint
 from agegender.export.onnx_export import ExportConfig
-from agegender.export.parity import face_of, label_arrays
+from agegender.export.parity import face_of
+from agegender.runtime.datasets import label_arrays
 from agegender.runtime.datasets import read_dataset
 from agegender.runtime.model import REQUIRED_KEYS, OnnxClassifier
 from agegender.runtime.preprocess import to_input

@@ -17,7 +17,8 @@ from agegender.export.net import load_checkpoint, net_from_checkpoint
 from agegender.runtime.datasets import read_dataset
 from agegender.runtime.imageio import read_image
 from agegender.runtime.preprocess import prepare_precropped, to_input
-from agegender.train.data import FaceDataset, build_cache, labels_of
+from agegender.runtime.datasets import label_arrays
+from agegender.train.data import FaceDataset, build_cache
 from fakedata import make_adience, make_csv
 
 TRAIN = [sys.executable, "-c", "from agegender._entry import train_adience; train_adience()"]
@@ -124,7 +125,7 @@ def test_resume_keeps_finished_folds_and_continues_the_running_one(adience, tmp_
 def test_eval_transform_is_the_runtime_preprocessing(adience):
     records, _ = read_dataset(adience)
     faces, ok = build_cache(records[:5], 48, progress=False)
-    age, gender, _ = labels_of(records[:5])
+    age, gender, _ = label_arrays(records[:5])
     ds = FaceDataset(faces, np.arange(5), age, gender, transform=None)
     for i in range(5):
         x, a, g = ds[i]

@@ -21,7 +21,6 @@ from tqdm import tqdm
 from agegender.runtime.datasets import Record
 from agegender.runtime.fsutil import atomic_path
 from agegender.runtime.imageio import ImageError, read_image
-from agegender.runtime.labels import age_in_group
 from agegender.runtime.preprocess import prepare_precropped
 
 log = logging.getLogger(__name__)
@@ -83,14 +82,6 @@ def train_transform(size: int, kind: str = "default") -> A.Compose | None:
                  A.Downscale(scale_range=(0.5, 0.8))], p=0.3),
         A.CLAHE(p=0.05),
     ])
-
-
-def labels_of(records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(age [-1 = none], gender [-1 = unknown], age_scored mask) arrays for a record list."""
-    age = np.array([-1 if r.age is None else r.age for r in records], np.int64)
-    gender = np.array([-1 if r.gender is None else r.gender for r in records], np.int64)
-    scored = np.array([r.age is not None and (r.exact_age is None or age_in_group(r.exact_age)) for r in records])
-    return age, gender, scored
 
 
 class FaceDataset(Dataset):

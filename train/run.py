@@ -15,10 +15,10 @@ import torch.distributed as dist
 from sklearn.model_selection import GroupShuffleSplit
 
 from agegender.export.net import default_model_args
-from agegender.runtime.datasets import Record, is_holdout, read_dataset
+from agegender.runtime.datasets import Record, is_holdout, label_arrays, read_dataset
 from agegender.runtime.fsutil import write_json, write_text
 from agegender.train.config import TrainConfig
-from agegender.train.data import build_cache, labels_of
+from agegender.train.data import build_cache
 from agegender.train.engine import DistInfo, FoldData, load_result, train_fold
 from agegender.train.plots import plot_curves, plot_fold_confusions
 
@@ -70,7 +70,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
     if cfg.max_images and len(records) > cfg.max_images:
         rng = np.random.default_rng(cfg.seed)
         records = [records[i] for i in sorted(rng.choice(len(records), cfg.max_images, replace=False))]
-    age, gender, scored = labels_of(records)
+    age, gender, scored = label_arrays(records)
     if cfg.task in ("both", "age") and not (age >= 0).any():
         raise ValueError(f"{cfg.data}: no image has an age label, cannot train task {cfg.task!r}")
     if cfg.task in ("both", "gender") and not (gender >= 0).any():
