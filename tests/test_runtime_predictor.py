@@ -12,7 +12,7 @@ from agegender.runtime import AGE_GROUPS, GENDERS, Face, Predictor
 from agegender.runtime import predictor as predictor_mod
 from agegender.runtime.detect import Detection
 from agegender.runtime.model import ModelError
-from agegender.runtime.preprocess import prepare_face, to_input
+from agegender.runtime.preprocess import prepare_face, prepare_precropped, to_input
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,8 @@ def test_whole_image_face_matches_the_training_preprocessing(model):
     assert len(faces) == 1
     f = faces[0]
     assert f.box == (0, 0, 120, 90) and f.det_score == 1.0
-    ref = reference_probs(to_input([prepare_face(img, (0, 0, 120, 90), 0.25, 32)]))
+    # a pre-cropped face is framed as training evaluated it: the whole image, squared, no margin
+    ref = reference_probs(to_input([prepare_precropped(img, 32)]))
     assert list(f.age_probs) == list(AGE_GROUPS)
     np.testing.assert_allclose(list(f.age_probs.values()), ref["age_probs"][0], atol=1e-5)
     assert f.age == AGE_GROUPS[int(ref["age_probs"][0].argmax())]

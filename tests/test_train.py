@@ -163,8 +163,14 @@ def test_pretrained_failure_names_the_alternatives(adience, tmp_path):
 
 
 def test_torchrun_two_cpu_ranks(adience, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port),
            "-m", "agegender.train", "--data", str(adience), "--folds", "0", "--out", str(out), *QUICK,
            "--device", "cpu", "--epochs", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
