@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -125,8 +126,10 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
                           workers=workers, device=device, seed=seed, crop_margin=crop_margin, max_images=max_images,
                           cache_dir=cache_dir, teacher=str(Path(teacher).resolve()) if teacher else None,
                           distill_alpha=distill_alpha, distill_temp=distill_temp)
+        rank = int(os.environ.get("RANK", "0"))
         saved = load_saved_config(out_path)
-        if saved is not None and not (resume or force):
+        # under torchrun only rank 0 judges OUT: the others would see the config.json it just wrote
+        if rank == 0 and saved is not None and not (resume or force):
             raise click.ClickException(f"{out_path} already holds a run; use --resume to continue it or --force "
                                        f"to start over")
         if resume and saved is None:
@@ -135,14 +138,12 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
             diff = cfg.differs_from(saved)
             if diff:
                 raise click.ClickException(f"--resume: options differ from the saved run: {', '.join(diff)}")
-        if force and saved is not None:
+        if rank == 0 and force and saved is not None:
             for d in out_path.glob("fold*"):
                 shutil.rmtree(d, ignore_errors=True)
         if cfg.pretrained:
             _check_pretrained(cfg.arch)
-        import os
-
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             write_json(out_path / "config.json", cfg.to_dict())
         summary = run(cfg, resume=resume, progress=not quiet)
     except DataFormatError as e:
@@ -151,5 +152,5 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
         if isinstance(e, click.ClickException):
             raise
         raise click.ClickException(str(e).splitlines()[0]) from None
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         click.echo(format_table(summary))
