@@ -20,15 +20,10 @@ from tqdm import tqdm
 
 from agegender.runtime.datasets import Record
 from agegender.runtime.fsutil import atomic_path
-from agegender.runtime.imageio import ImageError, read_image
-from agegender.runtime.preprocess import prepare_precropped
+from agegender.export.parity import face_of
+from agegender.runtime.imageio import ImageError
 
 log = logging.getLogger(__name__)
-
-
-def eval_face(path: str, size: int) -> np.ndarray:
-    """The face exactly as the runtime prepares a pre-cropped image (detector "none")."""
-    return prepare_precropped(read_image(path), size)
 
 
 def build_cache(records: list[Record], size: int, cache_dir: str | Path | None = None,
@@ -49,7 +44,7 @@ def build_cache(records: list[Record], size: int, cache_dir: str | Path | None =
 
     def load(i: int) -> None:
         try:
-            faces[i] = eval_face(records[i].path, size)
+            faces[i] = face_of(records[i].path, size)
             ok[i] = True
         except ImageError as e:
             reason = "missing" if "no such file" in str(e) else "unreadable"

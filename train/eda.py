@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from agegender.runtime.datasets import DataReport, Record, age_group_name
-from agegender.runtime.fsutil import atomic_path, write_json, write_text
+from agegender.runtime.fsutil import write_json, write_text
 from agegender.runtime.labels import AGE_GROUPS, GENDERS
 
 
@@ -52,35 +52,25 @@ def summarize(records: list[Record], report: DataReport) -> dict:
     return summary
 
 
-def _plot(df: pd.DataFrame, out: Path) -> None:
-    import matplotlib
+def _bar(table: pd.DataFrame, title: str, xlabel: str, path: Path, stacked: bool = False) -> None:
+    from agegender.train.plots import plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = list(AGE_GROUPS) + ["none"]
-    table = pd.crosstab(df["age_group"], df["gender"]).reindex(order, fill_value=0)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    table.plot.bar(ax=ax)
-    ax.set_title("Age group x gender")
-    ax.set_xlabel("age group")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    table.plot.bar(ax=ax, stacked=stacked)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
     fig.tight_layout()
-    with atomic_path(out / "age_gender_counts.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
+
+def _plot(df: pd.DataFrame, out: Path) -> None:
+    order = list(AGE_GROUPS) + ["none"]
+    _bar(pd.crosstab(df["age_group"], df["gender"]).reindex(order, fill_value=0), "Age group x gender",
+         "age group", out / "age_gender_counts.png")
     if df["fold"].notna().any():
-        per_fold = pd.crosstab(df["fold"], df["age_group"]).reindex(columns=order, fill_value=0)
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        per_fold.plot.bar(ax=ax, stacked=True)
-        ax.set_title("Age groups per fold")
-        ax.set_xlabel("fold")
-        ax.set_ylabel("images")
-        fig.tight_layout()
-        with atomic_path(out / "per_fold_counts.png", suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
+        _bar(pd.crosstab(df["fold"], df["age_group"]).reindex(columns=order, fill_value=0), "Age groups per fold",
+             "fold", out / "per_fold_counts.png", stacked=True)
 
 
 def run_eda(records: list[Record], report: DataReport, out_dir: str | Path) -> dict:

@@ -202,13 +202,12 @@ def train_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: 
         torch.set_rng_state(state["rng"]["torch"])
         log.info("fold %s: resuming at epoch %d", fd.fold, start_epoch)
 
-    log_lines = [] if start_epoch == 1 else None
     ckpt_common = dict(config=cfg.to_dict(), data=fd.data_info, train_data=fd.train_data, fold=fd.fold)
     header = (f"fold {fd.fold}: {model_args.arch} {model_args.img_size}px task={model_args.task} "
               f"params={params / 1e6:.2f}M GFLOPs={gflops:.3f} train={len(fd.train_idx)} val={len(fd.val_idx)} "
               f"test={len(fd.test_idx)} seed={fold_seed}")
     if di.main:
-        if log_lines is not None:
+        if start_epoch == 1:  # a resumed fold keeps its log
             write_text(fold_dir / "train_log.txt", header + "\n")
         log.info(header)
 

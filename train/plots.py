@@ -15,7 +15,8 @@ from agegender.runtime.fsutil import atomic_path  # noqa: E402
 from agegender.runtime.labels import AGE_GROUPS, GENDERS  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a PNG atomically and close the figure."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -39,7 +40,7 @@ def plot_curves(run_dir: Path, folds: list[int]) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    _save(fig, run_dir / "curves.png")
+    save_figure(fig, run_dir / "curves.png")
 
 
 def plot_confusion(cm: list[list[int]], names: tuple[str, ...], title: str, path: Path) -> None:
@@ -57,7 +58,7 @@ def plot_confusion(cm: list[list[int]], names: tuple[str, ...], title: str, path
             ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_fold_confusions(run_dir: Path, result: dict) -> None:
