@@ -120,6 +120,12 @@ def test_resume_keeps_finished_folds_and_continues_the_running_one(adience, tmp_
     # a resume with different options is refused
     res = train("--data", str(adience), "--folds", "0,1", "--out", str(out), "--resume", *QUICK, "--lr", "0.1")
     assert res.returncode == 1 and "differ" in res.stderr and "lr" in res.stderr
+    # a resume naming fewer folds keeps the others: nothing retrained, the summary still covers both
+    res = train("--data", str(adience), "--folds", "1", "--out", str(out), "--resume", *QUICK)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fold 0: finished earlier" in res.stderr and "fold 1: finished earlier" in res.stderr
+    assert [f["fold"] for f in json.loads((out / "summary.json").read_text())["folds"]] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["folds"] == [0, 1]
 
 
 def test_eval_transform_is_the_runtime_preprocessing(adience):

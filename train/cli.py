@@ -85,7 +85,9 @@ def _check_pretrained(arch: str) -> None:
               help="Weight of the distillation loss against the label loss.")
 @click.option("--distill-temp", type=click.FloatRange(0.1, 20), default=2.0, show_default=True,
               help="Softmax temperature of distillation.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in OUT; with --folds it also adds folds to a finished run "
+                   "(finished folds are kept, the summary covers them all).")
 @click.option("--force", is_flag=True, help="Start over in an existing OUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weights, freeze_backbone, folds_opt,
@@ -138,6 +140,7 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
             diff = cfg.differs_from(saved)
             if diff:
                 raise click.ClickException(f"--resume: options differ from the saved run: {', '.join(diff)}")
+            cfg = cfg.with_saved_folds(saved)
         if rank == 0 and force and saved is not None:
             for d in out_path.glob("fold*"):
                 shutil.rmtree(d, ignore_errors=True)

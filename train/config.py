@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -45,9 +45,14 @@ class TrainConfig:
         d["folds"] = list(self.folds)
         return d
 
-    # options that may differ between the original run and a --resume without changing results
-    RESUME_FREE = ("out", "workers", "device", "cache_dir")
+    # options that may differ between the original run and a --resume without changing results;
+    # `folds` may differ too: a resume adds the requested folds to the saved ones (see with_saved_folds)
+    RESUME_FREE = ("out", "workers", "device", "cache_dir", "folds")
 
     def differs_from(self, saved: dict[str, Any]) -> list[str]:
         mine = self.to_dict()
         return [k for k in mine if k not in self.RESUME_FREE and k in saved and saved[k] != mine[k]]
+
+    def with_saved_folds(self, saved: dict[str, Any]) -> "TrainConfig":
+        """This config with the folds of a saved run added, so a resume never drops a finished fold."""
+        return replace(self, folds=tuple(sorted(set(self.folds) | set(saved.get("folds", ())))))
