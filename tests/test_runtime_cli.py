@@ -269,6 +269,14 @@ def test_progress_bar_on_a_terminal_keeps_stdout_clean(model, tmp_path, monkeypa
     assert "6/6" in err.getvalue()
 
 
+def test_flip_option_answers_alike_for_a_face_and_its_mirror(model, tmp_path):
+    img = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    a, b = _write(tmp_path / "a.png", img), _write(tmp_path / "b.png", np.ascontiguousarray(img[:, ::-1]))
+    plain = [r["faces"][0]["age_probs"] for r in jsonl(invoke(model, "--json", "--detector", "none", a, b))]
+    flip = [r["faces"][0]["age_probs"] for r in jsonl(invoke(model, "--json", "--detector", "none", "--flip", a, b))]
+    assert plain[0] != plain[1] and flip[0] == flip[1]
+
+
 def test_threads_option(model, tmp_path):
     a = _write(tmp_path / "a.png", _img())
     assert invoke(model, "--threads", 1, "--detector", "none", a).exit_code == 0

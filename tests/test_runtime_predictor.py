@@ -65,7 +65,8 @@ def test_detected_faces_are_cropped_with_the_model_margin_in_one_batch(model, mo
     pred = Predictor(model, detector=FixedDetector(boxes))
     calls = []
     real_run = pred.classifier.run
-    monkeypatch.setattr(pred.classifier, "run", lambda batch: calls.append(batch.shape) or real_run(batch))
+    monkeypatch.setattr(pred.classifier, "run",
+                        lambda batch, flip=False: calls.append(batch.shape) or real_run(batch, flip=flip))
     faces = pred.predict(img)
     assert calls == [(3, 3, 32, 32)]  # every face of the image in one onnxruntime call
     clipped = [(5, 10, 35, 40), (70, 20, 110, 70), (100, 60, 120, 90)]
@@ -74,6 +75,21 @@ def test_detected_faces_are_cropped_with_the_model_margin_in_one_batch(model, mo
         assert f.box == clipped[i]
         assert f.det_score == pytest.approx(0.5 + 0.1 * i)
         np.testing.assert_allclose(list(f.age_probs.values()), ref["age_probs"][i], atol=1e-5)
+
+
+def test_flip_averages_each_face_with_its_mirror(model):
+    img = _image()
+    plain = Predictor(model, detector="none").predict(img)[0]
+    flipped = Predictor(model, detector="none", flip=True)
+    f = flipped.predict(img)[0]
+    x = to_input([prepare_precropped(img, 32)])
+    ref = {k: (a + b) / 2 for (k, a), b in zip(reference_probs(x).items(), reference_probs(x[..., ::-1]).values())}
+    np.testing.assert_allclose(list(f.age_probs.values()), ref["age_probs"][0], atol=1e-5)
+    assert f.gender_score == pytest.approx(ref["gender_probs"][0].max(), abs=1e-5)
+    assert not np.allclose(list(f.age_probs.values()), list(plain.age_probs.values()), atol=1e-3)
+    # so a face and its mirror image get the same answer
+    mirrored = flipped.predict(np.ascontiguousarray(img[:, ::-1]))[0]
+    np.testing.assert_allclose(list(mirrored.age_probs.values()), list(f.age_probs.values()), atol=1e-5)
 
 
 def test_min_face_size_drops_small_detections(model):
