@@ -45,10 +45,14 @@ def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None) -> dic
     m["age_exact_by_gender"] = {g: float((at[scored & (gt == i)] == ap[scored & (gt == i)]).mean())
                                 for i, g in enumerate(GENDERS)}
     if eth is not None:
-        m["by_ethnicity"] = {e: {"n": int((eth == e).sum()),
-                                 "age_exact": float((at[scored & (eth == e)] == ap[scored & (eth == e)]).mean()),
-                                 "gender_acc": float((gt[eth == e] == gp[eth == e]).mean())}
-                             for e in ETHNICITIES if (eth == e).any()}
+        m["by_ethnicity"] = {}
+        for e in ETHNICITIES:
+            faces, aged = eth == e, scored & (eth == e)
+            if faces.any():
+                m["by_ethnicity"][e] = {
+                    "n": int(faces.sum()), "n_age": int(aged.sum()),
+                    "age_exact": float((at[aged] == ap[aged]).mean()) if aged.any() else None,
+                    "gender_acc": float((gt[faces] == gp[faces]).mean())}
     m["ms_per_face"] = ms
     m["name"] = name
     return m
@@ -119,11 +123,17 @@ def main() -> None:
               + f" | {m['gender_by_true']['male']:.3f} | {m['gender_by_true']['female']:.3f} |")
     print("\nby ethnicity (UTKFace race field; age exact / gender):")
     groups = [e for e in ETHNICITIES if (eth == e).any()]
-    print("| model | " + " | ".join(f"{e} (n={(eth == e).sum()})" for e in groups) + " |")
+    if (eth == "").any():
+        print(f"({int((eth == '').sum())} faces without a race field are left out here)")
+    print("| model | " + " | ".join(f"{e} ({(eth == e).sum()} faces, {(scored & (eth == e)).sum()} age-scored)"
+                                     for e in groups) + " |")
     print("|---|" + "---|" * len(groups))
+
+    def cell(r: dict) -> str:
+        return ("-" if r["age_exact"] is None else f"{r['age_exact']:.3f}") + f" / {r['gender_acc']:.3f}"
+
     for m in results:
-        print(f"| {m['name']} | " + " | ".join(f"{m['by_ethnicity'][e]['age_exact']:.3f} / "
-                                             f"{m['by_ethnicity'][e]['gender_acc']:.3f}" for e in groups) + " |")
+        print(f"| {m['name']} | " + " | ".join(cell(m["by_ethnicity"][e]) for e in groups) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps({"n": len(records), "n_age_scored": int(scored.sum()),
                                             "results": results}, indent=2) + "\n")

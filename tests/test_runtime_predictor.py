@@ -92,6 +92,22 @@ def test_flip_averages_each_face_with_its_mirror(model):
     np.testing.assert_allclose(list(mirrored.age_probs.values()), list(f.age_probs.values()), atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["age", "gender"])
+def test_flip_works_for_single_task_models(task, tmp_path):
+    path = build_contract_model(tmp_path / f"{task}.onnx", task=task, input_size=32)
+    img = _image()
+    pred = Predictor(path, detector="none", flip=True)
+    f, m = pred.predict(img)[0], pred.predict(np.ascontiguousarray(img[:, ::-1]))[0]
+    x = to_input([prepare_precropped(img, 32)])
+    name = f"{task}_probs"
+    ref = (reference_probs(x, task)[name] + reference_probs(x[..., ::-1], task)[name]) / 2
+    got = list(f.age_probs.values()) if task == "age" else [f.gender_score]
+    want = ref[0] if task == "age" else [ref[0].max()]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (f.gender is None) == (task == "age") and (f.age is None) == (task == "gender")
+    assert (f.age, f.gender) == (m.age, m.gender)
+
+
 def test_min_face_size_drops_small_detections(model):
     pred = Predictor(model, detector=FixedDetector([(0, 0, 10, 10), (20, 20, 60, 60)]), min_face_size=20)
     assert [f.box for f in pred.predict(_image())] == [(20, 20, 60, 60)]

@@ -120,12 +120,20 @@ def test_resume_keeps_finished_folds_and_continues_the_running_one(adience, tmp_
     # a resume with different options is refused
     res = train("--data", str(adience), "--folds", "0,1", "--out", str(out), "--resume", *QUICK, "--lr", "0.1")
     assert res.returncode == 1 and "differ" in res.stderr and "lr" in res.stderr
-    # a resume naming fewer folds keeps the others: nothing retrained, the summary still covers both
-    res = train("--data", str(adience), "--folds", "1", "--out", str(out), "--resume", *QUICK)
+    # a resume without --folds continues the saved folds only; one naming fewer folds keeps the others
+    for folds in ([], ["--folds", "1"]):
+        res = train("--data", str(adience), *folds, "--out", str(out), "--resume", *QUICK)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "fold 0: finished earlier" in res.stderr and "fold 1: finished earlier" in res.stderr
+        assert "fold 2" not in res.stderr
+        assert [f["fold"] for f in json.loads((out / "summary.json").read_text())["folds"]] == [0, 1]
+        assert json.loads((out / "config.json").read_text())["folds"] == [0, 1]
+    # naming a new fold adds it: trained, the others untouched, the summary covers all three
+    res = train("--data", str(adience), "--folds", "2", "--out", str(out), "--resume", *QUICK)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "fold 0: finished earlier" in res.stderr and "fold 1: finished earlier" in res.stderr
-    assert [f["fold"] for f in json.loads((out / "summary.json").read_text())["folds"]] == [0, 1]
-    assert json.loads((out / "config.json").read_text())["folds"] == [0, 1]
+    assert "fold 0: finished earlier" in res.stderr and (out / "fold2" / "result.json").is_file()
+    assert (out / "fold0" / "best.pt").stat().st_mtime_ns == fold0_mtime
+    assert [f["fold"] for f in json.loads((out / "summary.json").read_text())["folds"]] == [0, 1, 2]
 
 
 def test_eval_transform_is_the_runtime_preprocessing(adience):

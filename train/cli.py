@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -58,7 +59,8 @@ def _check_pretrained(arch: str) -> None:
 @click.option("--init-weights", type=click.Path(exists=True, dir_okay=False),
               help="Local ImageNet checkpoint for the backbone (timm or torchvision layout); implies --no-pretrained.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the heads.")
-@click.option("--folds", "folds_opt", default="all", show_default=True, help="'all' or e.g. 0,2.")
+@click.option("--folds", "folds_opt", default=None,
+              help="'all' or e.g. 0,2  [default: all; with --resume: the saved run's folds].")
 @click.option("--holdout", type=click.FloatRange(0, 0.5), default=0.0, show_default=True,
               help="Fraction of images (stable file-name hash) kept out of training and CV entirely.")
 @click.option("--val-frac", type=click.FloatRange(0.01, 0.5), default=0.1, show_default=True,
@@ -86,7 +88,7 @@ def _check_pretrained(arch: str) -> None:
 @click.option("--distill-temp", type=click.FloatRange(0.1, 20), default=2.0, show_default=True,
               help="Softmax temperature of distillation.")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run in OUT; with --folds it also adds folds to a finished run "
+              help="Continue an interrupted run in OUT (its saved folds); with --folds, also add folds to it "
                    "(finished folds are kept, the summary covers them all).")
 @click.option("--force", is_flag=True, help="Start over in an existing OUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -122,7 +124,7 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
         cfg = TrainConfig(data=str(data), out=str(out), format=fmt, arch=arch, task=task, img_size=img_size,
                           pretrained=pretrained and not init_weights,
                           init_weights=str(Path(init_weights).resolve()) if init_weights else None,
-                          freeze_backbone=freeze_backbone, folds=_parse_folds(folds_opt, 5), holdout=holdout,
+                          freeze_backbone=freeze_backbone, folds=_parse_folds(folds_opt or "all", 5), holdout=holdout,
                           val_frac=val_frac, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           label_smoothing=label_smoothing, schedule=schedule, drop_rate=drop_rate, augment=augment,
                           workers=workers, device=device, seed=seed, crop_margin=crop_margin, max_images=max_images,
@@ -140,7 +142,8 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
             diff = cfg.differs_from(saved)
             if diff:
                 raise click.ClickException(f"--resume: options differ from the saved run: {', '.join(diff)}")
-            cfg = cfg.with_saved_folds(saved)
+            # --folds on a resume adds folds; without it the saved run's folds are continued as they are
+            cfg = cfg.with_saved_folds(saved) if folds_opt else replace(cfg, folds=tuple(saved.get("folds", cfg.folds)))
         if rank == 0 and force and saved is not None:
             for d in out_path.glob("fold*"):
                 shutil.rmtree(d, ignore_errors=True)
