@@ -99,6 +99,8 @@ def main() -> None:
     face = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
     batch = to_input([prepare_face(face, None, meta.crop_margin, meta.input_size)])
     print(f"1 face, 1 thread, model only       {summary(timed(lambda: one.classifier.run(batch), args.repeat))}")
+    print(f"1 face, 1 thread, model with flip  "
+          f"{summary(timed(lambda: one.classifier.run(batch, flip=True), args.repeat))}")
     print(f"1 face, 1 thread, crop + model     {summary(timed(lambda: one.predict(face), args.repeat))}")
 
     with tempfile.TemporaryDirectory() as tmp:

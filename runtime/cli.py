@@ -301,7 +301,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("--min-face-size", type=click.IntRange(min=0), default=20, show_default=True,
               help="ignore detected faces smaller than this (pixels)")
 @click.option("--flip", is_flag=True, help="average each face with its mirror image: a little more accurate, "
-              "twice the classification time (see the model card)")
+              "about 1.8x the classification time (see the model card)")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all cores]")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per image or frame")
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="also write one CSV row per face")

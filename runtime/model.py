@@ -127,7 +127,7 @@ class OnnxClassifier:
     def run(self, batch: np.ndarray, flip: bool = False) -> dict[str, np.ndarray]:
         """Probabilities for a float32 [N, 3, S, S] RGB 0..255 batch (see preprocess.to_input).
 
-        ``flip``: average with the mirrored faces (one batch of 2N; about twice the model time).
+        ``flip``: average with the mirrored faces (one batch of 2N; about 1.8x the model time).
         """
         n = batch.shape[0]
         if n == 0:

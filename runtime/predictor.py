@@ -105,7 +105,7 @@ class Predictor:
     ``detector``: auto | yunet | haar | none, or a detector object (see ``detect.create_detector``);
     ``auto`` may fetch YuNet once into the cache (short timeout), else falls back to Haar.
     ``min_face_size``: detected faces smaller than this (pixels, shorter side) are dropped.
-    ``flip``: average each face with its mirror image (a little more accurate, twice the model time;
+    ``flip``: average each face with its mirror image (a little more accurate, about 1.8x the model time;
     the model card gives the measured effect).
     """
 
