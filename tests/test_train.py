@@ -108,6 +108,8 @@ def test_resume_keeps_finished_folds_and_continues_the_running_one(adience, tmp_
         main(args, standalone_mode=False)
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
     assert (out / "fold0" / "result.json").is_file() and not (out / "fold1" / "result.json").exists()
+    # the summary of the folds finished so far is already written
+    assert [f["fold"] for f in json.loads((out / "summary.json").read_text())["folds"]] == [0]
     fold0_mtime = (out / "fold0" / "best.pt").stat().st_mtime_ns
 
     res = train(*args, "--resume")

@@ -109,9 +109,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
                       {"root": str(Path(cfg.data).resolve()), "format": report.format, "fold": k,
                        "nfolds": cfg.nfolds, "holdout": cfg.holdout}, train_data)
         res = train_fold(cfg, fd, model_args, fold_dir, di, resume=resume, progress=progress)
+        results.append(res)
         if di.main:
             plot_fold_confusions(out, res)
-        results.append(res)
+            write_summary(out, summarize(results), results)  # an interrupted run keeps what it finished
     summary = summarize(results)
     if di.main:
         write_summary(out, summary, results)
