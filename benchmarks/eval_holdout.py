@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agegender.runtime.datasets import is_holdout, read_utkface
+from agegender.runtime.datasets import is_holdout, label_arrays, read_utkface
 from agegender.runtime.imageio import read_image
-from agegender.runtime.labels import AGE_GROUPS, GENDERS, age_in_group, age_to_group
+from agegender.runtime.labels import AGE_GROUPS, GENDERS, age_to_group
 from agegender.runtime.metrics import age_gender_metrics, confusion, per_class_accuracy
 from agegender.runtime.model import OnnxClassifier
 from agegender.runtime.preprocess import prepare_precropped, to_input
@@ -38,44 +38,48 @@ def ethnicity(path: str) -> str | None:
     return ETHNICITIES[int(parts[2])] if len(parts) > 3 and parts[2] in {"0", "1", "2", "3", "4"} else None
 
 
+def _subset_metrics(at, ap, gt, gp, scored, mask) -> dict:
+    """Metrics of the faces in ``mask``; an age metric with no age-scored face is None (valid JSON)."""
+    m = age_gender_metrics(at[mask], ap[mask], gt[mask], gp[mask], scored[mask])
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
+
+
 def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None) -> dict:
     m = age_gender_metrics(at, ap, gt, gp, scored)
     m["per_age_group"] = per_class_accuracy(confusion(at, ap, 8, scored), AGE_GROUPS)
     m["gender_by_true"] = per_class_accuracy(confusion(gt, gp, 2), GENDERS)
-    m["age_exact_by_gender"] = {g: float((at[scored & (gt == i)] == ap[scored & (gt == i)]).mean())
+    m["age_exact_by_gender"] = {g: _subset_metrics(at, ap, gt, gp, scored, gt == i)["age_exact"]
                                 for i, g in enumerate(GENDERS)}
     if eth is not None:
-        m["by_ethnicity"] = {}
-        for e in ETHNICITIES:
-            faces, aged = eth == e, scored & (eth == e)
-            if faces.any():
-                m["by_ethnicity"][e] = {
-                    "n": int(faces.sum()), "n_age": int(aged.sum()),
-                    "age_exact": float((at[aged] == ap[aged]).mean()) if aged.any() else None,
-                    "gender_acc": float((gt[faces] == gp[faces]).mean())}
+        m["by_ethnicity"] = {e: _subset_metrics(at, ap, gt, gp, scored, eth == e)
+                             for e in ETHNICITIES if (eth == e).any()}
     m["ms_per_face"] = ms
     m["name"] = name
     return m
 
 
-def run_model(path: str, faces: np.ndarray, threads_eval: int = 2, flip: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
-    clf = OnnxClassifier(path, threads=threads_eval)
-    size = clf.input_size
-    batch = to_input([prepare_precropped(f, size) for f in faces])
-    ages, genders = [], []
-    for s in range(0, len(batch), 128):
-        out = clf.run(batch[s:s + 128], flip=flip)
-        ages.append(out["age_probs"].argmax(1))
-        genders.append(out["gender_probs"].argmax(1))
-    one = OnnxClassifier(path, threads=1)
-    for i in range(20):
-        one.run(batch[i:i + 1], flip=flip)
-    times = []
-    for i in range(min(300, len(batch))):
-        t0 = time.perf_counter()
-        one.run(batch[i:i + 1], flip=flip)
-        times.append((time.perf_counter() - t0) * 1000)
-    return np.concatenate(ages), np.concatenate(genders), float(np.median(times))
+def run_model(path: str, faces: list[np.ndarray], flips: tuple[bool, ...] = (False,),
+              threads_eval: int = 2) -> list[tuple[bool, np.ndarray, np.ndarray, float]]:
+    """(flip, age predictions, gender predictions, ms/face at 1 thread) for each flip setting;
+    the faces are prepared and the sessions made once."""
+    clf, one = OnnxClassifier(path, threads=threads_eval), OnnxClassifier(path, threads=1)
+    batch = to_input([prepare_precropped(f, clf.input_size) for f in faces])
+    results = []
+    for flip in flips:
+        ages, genders = [], []
+        for s in range(0, len(batch), 128):
+            out = clf.run(batch[s:s + 128], flip=flip)
+            ages.append(out["age_probs"].argmax(1))
+            genders.append(out["gender_probs"].argmax(1))
+        for i in range(20):
+            one.run(batch[i:i + 1], flip=flip)
+        times = []
+        for i in range(min(300, len(batch))):
+            t0 = time.perf_counter()
+            one.run(batch[i:i + 1], flip=flip)
+            times.append((time.perf_counter() - t0) * 1000)
+        results.append((flip, np.concatenate(ages), np.concatenate(genders), float(np.median(times))))
+    return results
 
 
 def main() -> None:
@@ -89,16 +93,13 @@ def main() -> None:
     a = ap.parse_args()
     records, _ = read_utkface(a.data)
     records = [r for r in records if is_holdout(Path(r.path).name, a.holdout)]
-    at = np.array([r.age for r in records])
-    gt = np.array([r.gender for r in records])
-    scored = np.array([age_in_group(r.exact_age) for r in records])
+    at, gt, scored = label_arrays(records)
     eth = np.array([ethnicity(r.path) or "" for r in records])
     faces = [read_image(r.path) for r in records]
     print(f"{len(records)} held-out faces, {int(scored.sum())} with an age inside a group", file=sys.stderr)
     results = []
     for path in a.model:
-        for flip in (False, True) if a.flip else (False,):
-            age_p, gen_p, ms = run_model(path, faces, flip=flip)
+        for flip, age_p, gen_p, ms in run_model(path, faces, (False, True) if a.flip else (False,)):
             name = Path(path).name + (" + flip" if flip else "")
             results.append(report(name, at, age_p, gt, gen_p, scored, ms, eth))
     if a.peer_python:
