@@ -214,35 +214,33 @@ def metrics_of(probs: dict[str, np.ndarray], records: list[Record]) -> dict[str,
     return age_gender_metrics(age if ap is not None else None, ap, gender if gp is not None else None, gp, scored)
 
 
+def _top1_lead(probs: np.ndarray) -> np.ndarray:
+    """How far each row's top-1 probability leads its second."""
+    top2 = np.sort(probs, 1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], margin: float = 0.0) -> dict[str, float]:
     """Top-1 agreement per head: {"age": ..., "gender": ...}; with ``margin`` > 0 only over the faces
-    whose top-1 probability in ``a`` leads the second by at least ``margin``."""
+    whose top-1 probability in ``a`` leads the second by at least ``margin`` (1.0 when there are none)."""
     out = {}
     for name, pa in a.items():
         if not len(pa):
             continue
-        same = pa.argmax(1) == b[name].argmax(1)
-        if margin > 0:
-            top2 = np.sort(pa, 1)[:, -2:]
-            same = same[(top2[:, 1] - top2[:, 0]) >= margin]
+        same = (pa.argmax(1) == b[name].argmax(1))[_top1_lead(pa) >= margin]
         out[name.removesuffix("_probs")] = float(same.mean()) if len(same) else 1.0
     return out
 
 
 def confident_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], margin: float = CONFIDENT_MARGIN
                         ) -> dict[str, dict[str, float]]:
-    """Agreement on the faces where ``a`` is not near a tie (top-1 minus top-2 >= ``margin``), for the
-    report: flips between two nearly equal classes change no accuracy but weigh on plain agreement."""
-    out = {}
-    for name, pa in a.items():
-        if not len(pa):
-            continue
-        top2 = np.sort(pa, 1)[:, -2:]
-        keep = (top2[:, 1] - top2[:, 0]) >= margin
-        same = pa.argmax(1) == b[name].argmax(1)
-        out[name.removesuffix("_probs")] = {"margin": margin, "share_of_faces": float(keep.mean()),
-                                            "agreement": float(same[keep].mean()) if keep.any() else float("nan")}
-    return out
+    """For the report: agreement on the faces where ``a`` is not near a tie, and their share. Flips
+    between two nearly equal classes change no accuracy but weigh on plain agreement."""
+    agree = agreement(a, b, margin)
+    return {name.removesuffix("_probs"): {"margin": margin,
+                                          "share_of_faces": float((_top1_lead(pa) >= margin).mean()),
+                                          "agreement": agree[name.removesuffix("_probs")]}
+            for name, pa in a.items() if len(pa)}
 
 
 @dataclass(frozen=True)
