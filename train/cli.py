@@ -158,5 +158,5 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
         if isinstance(e, click.ClickException):
             raise
         raise click.ClickException(str(e).splitlines()[0]) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         click.echo(format_table(summary))

@@ -99,23 +99,23 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
         if done is not None:
             log.info("fold %d: finished earlier, kept", k)
             results.append(done)
-            continue
-        test_idx = np.flatnonzero((folds_of == k) & ok)
-        rest = np.flatnonzero((folds_of != k) & ok)
-        if len(test_idx) == 0:
-            raise ValueError(f"fold {k} has no readable images (folds present: {sorted(set(folds_of.tolist()))})")
-        tr, va = split_train_val(records, rest, cfg.val_frac, cfg.seed + k)
-        fd = FoldData(k, faces, age, gender, scored, tr, va, test_idx,
-                      {"root": str(Path(cfg.data).resolve()), "format": report.format, "fold": k,
-                       "nfolds": cfg.nfolds, "holdout": cfg.holdout}, train_data)
-        res = train_fold(cfg, fd, model_args, fold_dir, di, resume=resume, progress=progress)
-        results.append(res)
-        if di.main:
-            plot_fold_confusions(out, res)
-            write_summary(out, summarize(results), results)  # an interrupted run keeps what it finished
+        else:
+            test_idx = np.flatnonzero((folds_of == k) & ok)
+            rest = np.flatnonzero((folds_of != k) & ok)
+            if len(test_idx) == 0:
+                raise ValueError(f"fold {k} has no readable images (folds present: "
+                                 f"{sorted(set(folds_of.tolist()))})")
+            tr, va = split_train_val(records, rest, cfg.val_frac, cfg.seed + k)
+            fd = FoldData(k, faces, age, gender, scored, tr, va, test_idx,
+                          {"root": str(Path(cfg.data).resolve()), "format": report.format, "fold": k,
+                           "nfolds": cfg.nfolds, "holdout": cfg.holdout}, train_data)
+            results.append(train_fold(cfg, fd, model_args, fold_dir, di, resume=resume, progress=progress))
+            if di.main:
+                plot_fold_confusions(out, results[-1])
+        if di.main:  # after every fold: an interrupted run keeps the summary of what it finished
+            write_summary(out, summarize(results), results)
     summary = summarize(results)
     if di.main:
-        write_summary(out, summary, results)
         plot_curves(out, list(cfg.folds))
     if di.world > 1:
         dist.barrier()
