@@ -325,7 +325,7 @@ def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_mode
             path = fetch_yunet()
         except DetectorError as e:
             log.error("%s", e)
-            sys.exit(1)
+            sys.exit(SetupError.exit_code)  # an unusable detector, like a bad --model
         click.echo(f"YuNet face detector ready (sha256 verified): {path}")
         if not inputs:
             return

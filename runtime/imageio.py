@@ -81,10 +81,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
         raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)")
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageError(f"{name}: image is {img.shape[1]}x{img.shape[0]} pixels, over the {max_pixels:,}-pixel limit")
-    # IMREAD_UNCHANGED skips EXIF rotation: a second, orientation-aware decode of the same bytes
-    # is only needed for JPEG/TIFF with an orientation tag; cv2.imdecode with IMREAD_COLOR applies it.
-    if data[:2] == b"\xff\xd8" and b"Exif" in data[:65536] and img.ndim == 3 and img.dtype == np.uint8:
-        oriented = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    # IMREAD_UNCHANGED skips EXIF rotation: a JPEG with an EXIF block is decoded a second time
+    # with an orientation-aware flag (IMREAD_COLOR / IMREAD_GRAYSCALE apply the orientation tag).
+    if data[:2] == b"\xff\xd8" and b"Exif" in data[:65536] and img.dtype == np.uint8 and img.ndim in (2, 3):
+        oriented = cv2.imdecode(buf, cv2.IMREAD_COLOR if img.ndim == 3 else cv2.IMREAD_GRAYSCALE)
         if oriented is not None:
             img = oriented
     return to_rgb_uint8(img)

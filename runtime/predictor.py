@@ -129,7 +129,7 @@ class Predictor:
         min_side = self.min_face_size if self.detector.name != "none" else 0
         sides = [min(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets]
         kept = [d for d, side in zip(dets, sides) if side > 0 and side >= min_side]
-        # reading order (left to right, then top to bottom): stable whatever the thread count
+        # left to right (left edge, then top): stable whatever the thread count
         return sorted(kept, key=lambda d: (round(d.box[0]), round(d.box[1])))
 
     def classify(self, image: np.ndarray, dets: list[Detection]) -> list[Face]:

@@ -148,14 +148,17 @@ def test_exif_grey_rgba_and_16_bit_images(model, tmp_path):
     jpeg = cv2.imencode(".jpg", img)[1].tobytes()
     tiff = b"MM\x00*\x00\x00\x00\x08\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00" + b"\x00" * 4
     app1 = b"Exif\x00\x00" + tiff  # orientation 6: rotate 90 degrees clockwise to display
-    (tmp_path / "rot.jpg").write_bytes(jpeg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg[2:])
+    segment = b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    (tmp_path / "rot.jpg").write_bytes(jpeg[:2] + segment + jpeg[2:])
+    grey_jpeg = cv2.imencode(".jpg", img[:, :, 0])[1].tobytes()
+    (tmp_path / "rot_grey.jpg").write_bytes(grey_jpeg[:2] + segment + grey_jpeg[2:])
     _write(tmp_path / "grey.png", img[:, :, 0])
     _write(tmp_path / "rgba.png", np.dstack([img, np.full(img.shape[:2], 128, np.uint8)]))
     _write(tmp_path / "deep.png", img.astype(np.uint16) * 257)
     res = invoke(model, "--json", "--detector", "none", tmp_path)
     assert res.exit_code == 0, res.output
     sizes = {Path(r["path"]).name: (r["width"], r["height"], len(r["faces"])) for r in jsonl(res)}
-    assert sizes == {"rot.jpg": (20, 40, 1), "grey.png": (40, 20, 1), "rgba.png": (40, 20, 1), "deep.png": (40, 20, 1)}
+    assert sizes == {"rot.jpg": (20, 40, 1), "rot_grey.jpg": (20, 40, 1), "grey.png": (40, 20, 1), "rgba.png": (40, 20, 1), "deep.png": (40, 20, 1)}
 
 
 def test_video_every_n_frames(model, tmp_path):

@@ -186,7 +186,7 @@ def test_cli_fetch_detector_then_offline_use(yunet_server, tmp_path):
 def test_cli_fetch_detector_with_bad_checksum_fails(server, monkeypatch, tmp_path):
     monkeypatch.setenv("AGEGENDER_DETECTOR_URL", server.url)
     res = CliRunner().invoke(cli, ["--fetch-detector"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "sha256 differs" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
 
