@@ -324,8 +324,7 @@ def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_mode
         try:
             path = fetch_yunet()
         except DetectorError as e:
-            log.error("%s", e)
-            sys.exit(SetupError.exit_code)  # an unusable detector, like a bad --model
+            raise SetupError(str(e)) from None
         click.echo(f"YuNet face detector ready (sha256 verified): {path}")
         if not inputs:
             return

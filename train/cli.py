@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -142,8 +141,7 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
             diff = cfg.differs_from(saved)
             if diff:
                 raise click.ClickException(f"--resume: options differ from the saved run: {', '.join(diff)}")
-            # --folds on a resume adds folds; without it the saved run's folds are continued as they are
-            cfg = cfg.with_saved_folds(saved) if folds_opt else replace(cfg, folds=tuple(saved.get("folds", cfg.folds)))
+            cfg = cfg.with_saved_folds(saved, add=folds_opt is not None)
         if rank == 0 and force and saved is not None:
             for d in out_path.glob("fold*"):
                 shutil.rmtree(d, ignore_errors=True)

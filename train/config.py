@@ -53,6 +53,8 @@ class TrainConfig:
         mine = self.to_dict()
         return [k for k in mine if k not in self.RESUME_FREE and k in saved and saved[k] != mine[k]]
 
-    def with_saved_folds(self, saved: dict[str, Any]) -> "TrainConfig":
-        """This config with the folds of a saved run added, so a resume never drops a finished fold."""
-        return replace(self, folds=tuple(sorted(set(self.folds) | set(saved.get("folds", ())))))
+    def with_saved_folds(self, saved: dict[str, Any], add: bool = True) -> "TrainConfig":
+        """The folds of a resumed run: the saved run's folds, plus this config's when ``add`` (folds
+        named on the command line), so a resume never drops a finished fold nor adds one unasked."""
+        mine = set(self.folds) if add else set()
+        return replace(self, folds=tuple(sorted(mine | set(saved.get("folds", self.folds)))))
