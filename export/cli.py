@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from agegender.export.quantize import CALIB_METHODS
+from .quantize import CALIB_METHODS
 
 log = logging.getLogger("agegender.export")
 HEADS = ("age", "gender")
@@ -87,7 +87,7 @@ def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eva
     _setup_logging(verbose, quiet)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
-    from agegender.export.onnx_export import ExportConfig
+    from .onnx_export import ExportConfig
 
     cfg = ExportConfig(checkpoint=checkpoint, out=out, name=name, quantize=quantize, calib_data=calib_data,
                        data_root=data_root,
@@ -113,10 +113,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 def run(cfg, verbose: bool = False) -> int:
     """Run the export, print the results on stdout; errors are one line on stderr. Returns the exit code."""
-    from agegender.export.net import CheckpointError
-    from agegender.export.onnx_export import ExportError, run_export
-    from agegender.export.quantize import QuantizeError
-    from agegender.runtime.datasets import DataFormatError
+    from .net import CheckpointError
+    from .onnx_export import ExportError, run_export
+    from .quantize import QuantizeError
+    from ..runtime.datasets import DataFormatError
 
     try:
         rep = run_export(cfg)

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from agegender.runtime.labels import AGE_GROUPS, GENDERS
+from ..runtime.labels import AGE_GROUPS, GENDERS
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def library_versions() -> dict[str, str]:
 
     import numpy
 
-    from agegender import __version__
+    from .. import __version__
 
     return {"agegender": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
             "numpy": str(numpy.__version__), "python": platform.python_version()}
@@ -229,7 +229,7 @@ def make_checkpoint(net: AgeGenderNet, *, crop_margin: float, config: dict[str, 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
     """Write a checkpoint atomically (temp file + rename)."""
-    from agegender.runtime.fsutil import atomic_path
+    from ..runtime.fsutil import atomic_path
 
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(ckpt, tmp)

@@ -21,13 +21,13 @@ import numpy as np
 import onnx
 import torch
 
-from agegender import __version__
-from agegender.export import parity
-from agegender.export.net import ProbsModel, load_checkpoint, net_from_checkpoint
-from agegender.export.quantize import QuantizeError, QuantSettings, describe_choice, preprocess, search
-from agegender.runtime.fsutil import atomic_path, write_json
-from agegender.runtime.labels import AGE_GROUPS, GENDERS
-from agegender.runtime.model import FORMAT_VERSION, ModelError, OnnxClassifier
+from .. import __version__
+from . import parity
+from .net import ProbsModel, load_checkpoint, net_from_checkpoint
+from .quantize import QuantizeError, QuantSettings, describe_choice, preprocess, search
+from ..runtime.fsutil import atomic_path, write_json
+from ..runtime.labels import AGE_GROUPS, GENDERS
+from ..runtime.model import FORMAT_VERSION, ModelError, OnnxClassifier
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from agegender.runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, label_arrays, read_dataset
-from agegender.runtime.imageio import ImageError, read_image
-from agegender.runtime.metrics import age_gender_metrics
-from agegender.runtime.preprocess import prepare_precropped, to_input
+from ..runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, label_arrays, read_dataset
+from ..runtime.imageio import ImageError, read_image
+from ..runtime.metrics import age_gender_metrics
+from ..runtime.preprocess import prepare_precropped, to_input
 
 log = logging.getLogger(__name__)
 

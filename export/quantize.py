@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from agegender.runtime.preprocess import to_input
+from ..runtime.preprocess import to_input
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Torch-free runtime: face detection + age/gender classification with onnxruntime.
 
-``from agegender.runtime import Predictor`` gives the Python API; the label lists import
+``from . import Predictor`` gives the Python API; the label lists import
 without OpenCV or onnxruntime (``Predictor`` and ``Face`` load on first use).
 """
 
@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agegender.runtime.labels import AGE_GROUPS, GENDERS, age_to_group
+from .labels import AGE_GROUPS, GENDERS, age_to_group
 
 if TYPE_CHECKING:
-    from agegender.runtime.predictor import Face, Predictor
+    from .predictor import Face, Predictor
 
 __all__ = ["AGE_GROUPS", "GENDERS", "Face", "Predictor", "age_to_group"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Predictor", "Face"):
-        from agegender.runtime import predictor
+        from . import predictor
 
         return getattr(predictor, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from agegender import __version__
-from agegender.runtime.detect import DETECTORS, DetectorError, fetch_yunet
-from agegender.runtime.imageio import IMAGE_EXTS, ImageError, read_image
-from agegender.runtime.labels import AGE_GROUPS
+from .. import __version__
+from .detect import DETECTORS, DetectorError, fetch_yunet
+from .imageio import IMAGE_EXTS, ImageError, read_image
+from .labels import AGE_GROUPS
 
 if TYPE_CHECKING:
-    from agegender.runtime.predictor import Face, Predictor
+    from .predictor import Face, Predictor
 
 log = logging.getLogger("agegender.runtime.cli")
 
@@ -98,7 +98,7 @@ class Result:
 # --------------------------------------------------------------------------- inputs
 def _media_files(folder: str, recursive: bool) -> list[str]:
     """Image and video files of a folder, sorted; other files are skipped with a note."""
-    from agegender.runtime.video import VIDEO_EXTS
+    from .video import VIDEO_EXTS
 
     found, skipped, subdirs = [], 0, 0
     for root, dirs, files in os.walk(folder):
@@ -149,7 +149,7 @@ def _failed(path: str, exc: BaseException, frame: int | None = None) -> Result:
 
 def process(predictor: Predictor, path: str, every: int = 1, keep_image: bool = False) -> Iterator[Result]:
     """Results for one input: one for an image, one per processed frame for a video."""
-    from agegender.runtime.video import is_video, iter_frames
+    from .video import is_video, iter_frames
 
     if is_video(path):
         frame = None
@@ -203,7 +203,7 @@ class Annotator:
     def save(self, r: Result) -> None:
         import cv2
 
-        from agegender.runtime.fsutil import atomic_path
+        from .fsutil import atomic_path
 
         img = cv2.cvtColor(r.image, cv2.COLOR_RGB2BGR)
         scale = max(0.4, min(img.shape[:2]) / 700)
@@ -228,7 +228,7 @@ def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from agegender.runtime.fsutil import atomic_path
+    from .fsutil import atomic_path
 
     status = 0
     annotator = Annotator(cfg.save_annotated) if cfg.save_annotated else None
@@ -332,8 +332,8 @@ def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_mode
         raise click.UsageError("no INPUT given (image files, directories, videos, or - for paths on stdin)")
     cfg = RunConfig(tuple(inputs), model, detector, detector_model, det_threshold, min_face_size, threads, as_json,
                     csv_file, save_annotated, recursive, every, flip)
-    from agegender.runtime.model import ModelError
-    from agegender.runtime.predictor import Predictor
+    from .model import ModelError
+    from .predictor import Predictor
 
     if threads:
         import cv2

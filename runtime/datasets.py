@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agegender.runtime.imageio import IMAGE_EXTS
-from agegender.runtime.labels import AGE_GROUPS, age_in_group, age_to_group, gender_to_index
+from .imageio import IMAGE_EXTS
+from .labels import AGE_GROUPS, age_in_group, age_to_group, gender_to_index
 
 ADIENCE_FOLDS = 5
 ADIENCE_HEADER = ("user_id", "original_image", "face_id", "age", "gender")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agegender.runtime.labels import AGE_GROUPS, GENDERS
+from .labels import AGE_GROUPS, GENDERS
 
 
 def age_gender_metrics(age_true: np.ndarray | None, age_pred: np.ndarray | None,

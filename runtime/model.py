@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from agegender.runtime.labels import AGE_GROUPS, GENDERS
+from .labels import AGE_GROUPS, GENDERS
 
 FORMAT_VERSION = "1"
 REQUIRED_KEYS = ("agegender_format", "age_groups", "genders", "input_size", "crop_margin", "arch", "task",

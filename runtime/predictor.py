@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from agegender.runtime.detect import Detection, Detector, clip_box, create_detector
-from agegender.runtime.imageio import read_image
-from agegender.runtime.model import ModelError, OnnxClassifier
-from agegender.runtime.preprocess import prepare_face, prepare_precropped, to_input
+from .detect import Detection, Detector, clip_box, create_detector
+from .imageio import read_image
+from .model import ModelError, OnnxClassifier
+from .preprocess import prepare_face, prepare_precropped, to_input
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agegender.runtime.imageio import MAX_PIXELS, ImageError
+from .imageio import MAX_PIXELS, ImageError
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own stderr chatter: we report one line per file
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"}

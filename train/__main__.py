@@ -1,5 +1,5 @@
 """`python -m agegender.train` (used under torchrun) = `train-adience`."""
 
-from agegender.train.cli import main
+from .cli import main
 
 main()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from agegender.runtime.datasets import DataFormatError, read_dataset
-from agegender.runtime.fsutil import write_json
+from ..runtime.datasets import DataFormatError, read_dataset
+from ..runtime.fsutil import write_json
 
 log = logging.getLogger("agegender.train")
 
@@ -107,13 +107,13 @@ def main(data, fmt, out, eda_only, arch, task, img_size, pretrained, init_weight
       train-adience --data adience/ --arch mobilenetv3_large_100 --img-size 224 --out runs/mnv3
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from agegender.train.config import TrainConfig
-    from agegender.train.run import format_table, load_saved_config, run
+    from .config import TrainConfig
+    from .run import format_table, load_saved_config, run
 
     out_path = Path(out)
     try:
         if eda_only:
-            from agegender.train.eda import run_eda
+            from .eda import run_eda
 
             records, report = read_dataset(data, fmt, check_images=True)
             summary = run_eda(records, report, out_path)

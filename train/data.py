@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from agegender.runtime.datasets import Record
-from agegender.runtime.fsutil import atomic_path
-from agegender.export.parity import face_of
-from agegender.runtime.imageio import ImageError
+from ..runtime.datasets import Record
+from ..runtime.fsutil import atomic_path
+from ..export.parity import face_of
+from ..runtime.imageio import ImageError
 
 log = logging.getLogger(__name__)
 

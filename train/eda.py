@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from agegender.runtime.datasets import DataReport, Record, age_group_name
-from agegender.runtime.fsutil import write_json, write_text
-from agegender.runtime.labels import AGE_GROUPS, GENDERS
+from ..runtime.datasets import DataReport, Record, age_group_name
+from ..runtime.fsutil import write_json, write_text
+from ..runtime.labels import AGE_GROUPS, GENDERS
 
 
 def _gender_name(g: int | None) -> str:
@@ -53,7 +53,7 @@ def summarize(records: list[Record], report: DataReport) -> dict:
 
 
 def _bar(table: pd.DataFrame, title: str, xlabel: str, path: Path, stacked: bool = False) -> None:
-    from agegender.train.plots import plt, save_figure
+    from .plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     table.plot.bar(ax=ax, stacked=stacked)

@@ -21,13 +21,13 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from agegender.export.net import (AgeGenderNet, ModelArgs, create_net, load_checkpoint, make_checkpoint,
+from ..export.net import (AgeGenderNet, ModelArgs, create_net, load_checkpoint, make_checkpoint,
                                   net_from_checkpoint, save_checkpoint)
-from agegender.runtime.fsutil import write_json, write_text
-from agegender.runtime.labels import AGE_GROUPS, GENDERS
-from agegender.runtime.metrics import age_gender_metrics, confusion
-from agegender.train.config import TrainConfig
-from agegender.train.data import FaceDataset, train_transform
+from ..runtime.fsutil import write_json, write_text
+from ..runtime.labels import AGE_GROUPS, GENDERS
+from ..runtime.metrics import age_gender_metrics, confusion
+from .config import TrainConfig
+from .data import FaceDataset, train_transform
 
 log = logging.getLogger(__name__)
 

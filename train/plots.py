@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from agegender.runtime.fsutil import atomic_path  # noqa: E402
-from agegender.runtime.labels import AGE_GROUPS, GENDERS  # noqa: E402
+from ..runtime.fsutil import atomic_path  # noqa: E402
+from ..runtime.labels import AGE_GROUPS, GENDERS  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 from sklearn.model_selection import GroupShuffleSplit
 
-from agegender.export.net import default_model_args
-from agegender.runtime.datasets import Record, is_holdout, label_arrays, read_dataset
-from agegender.runtime.fsutil import write_json, write_text
-from agegender.train.config import TrainConfig
-from agegender.train.data import build_cache
-from agegender.train.engine import DistInfo, FoldData, load_result, train_fold
-from agegender.train.plots import plot_curves, plot_fold_confusions
+from ..export.net import default_model_args
+from ..runtime.datasets import Record, is_holdout, label_arrays, read_dataset
+from ..runtime.fsutil import write_json, write_text
+from .config import TrainConfig
+from .data import build_cache
+from .engine import DistInfo, FoldData, load_result, train_fold
+from .plots import plot_curves, plot_fold_confusions
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("age_exact", "age_1off", "gender_acc")
