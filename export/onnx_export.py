@@ -57,8 +57,8 @@ class ExportConfig:
     eval_size: int = 2000
     parity_size: int = 128
     opset: int = DEFAULT_OPSET
-    max_drop: float = 0.5
-    min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
+    max_drop: float = parity.DEFAULT_MAX_DROP_PT
+    min_agreement: tuple[tuple[str, float], ...] = parity.DEFAULT_MIN_AGREEMENT
     agreement_margin: float = 0.0
     crop_margin: float | None = None
     calib_method: str = "auto"

@@ -30,10 +30,9 @@ log = logging.getLogger(__name__)
 PARITY_MIN_IMAGES = 64
 CONFIDENT_MARGIN = 0.1
 METRIC_KEYS = ("age_exact", "age_1off", "gender_acc")
-
-
-class GateDataError(ValueError):
-    """Not enough usable images for a gate; the message says where they were looked for."""
+# the int8 gate's defaults (export-onnx options and ExportConfig read these)
+DEFAULT_MAX_DROP_PT = 0.5
+DEFAULT_MIN_AGREEMENT: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
 
 
 def face_of(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -245,8 +244,8 @@ def confident_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], marg
 
 @dataclass(frozen=True)
 class Int8Thresholds:
-    max_drop_pt: float = 0.5  # accuracy drop allowed on every metric, percentage points
-    min_agreement: tuple[tuple[str, float], ...] = (("age", 0.97), ("gender", 0.99))
+    max_drop_pt: float = DEFAULT_MAX_DROP_PT  # accuracy drop allowed on every metric, percentage points
+    min_agreement: tuple[tuple[str, float], ...] = DEFAULT_MIN_AGREEMENT
     agreement_margin: float = 0.0  # > 0: agreement counted only where fp32's top-1 leads by this much
 
     def to_dict(self) -> dict[str, Any]:
