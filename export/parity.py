@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, label_arrays, read_dataset
 from ..runtime.imageio import ImageError, read_image
 from ..runtime.metrics import age_gender_metrics
+from ..runtime.model import create_session
 from ..runtime.preprocess import prepare_precropped, to_input
 
 log = logging.getLogger(__name__)
@@ -157,14 +158,8 @@ def _calib_records(path: Path) -> list[Record]:
 
 # --------------------------------------------------------------------------- inference
 def ort_session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    """The runtime's own session (same options as ``agegender-run``)."""
+    return create_session(path, threads)
 
 
 def predict_ort(session, faces: np.ndarray, batch: int = 64, desc: str | None = None,

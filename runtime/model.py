@@ -62,29 +62,38 @@ class ModelMeta:
                    props["quantization"], props["train_data"], metrics, props["package_version"], dict(props))
 
 
-def _session_options(threads: int | None):
+def session_options(threads: int | None = None, exact: bool = False):
+    """The runtime's onnxruntime options; ``exact`` turns off the fused int8 kernels (QDQ arithmetic as
+    written: the int8 gate's reference, see ``export/kernels.py``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    if exact:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 3
     return opts
+
+
+def create_session(path: str | os.PathLike, threads: int | None = None, exact: bool = False):
+    """An onnxruntime CPU session with the runtime's options (the export gates use this one too)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=session_options(threads, exact),
+                                providers=["CPUExecutionProvider"])
 
 
 class OnnxClassifier:
     """An agegender ONNX model: ``run(batch)`` -> {"age_probs": [N, 8], "gender_probs": [N, 2]}."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=_session_options(threads),
-                                                providers=["CPUExecutionProvider"])
+            self.session = create_session(self.path, threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None
