@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from .. import __version__
-from .detect import DETECTORS, DetectorError, fetch_yunet
+from .detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, DETECTORS, DetectorError, fetch_yunet
 from .imageio import IMAGE_EXTS, ImageError, read_image
 from .labels import AGE_GROUPS
 
@@ -50,8 +50,8 @@ class RunConfig:
     model: str | None = None
     detector: str = "auto"
     detector_model: str | None = None
-    det_threshold: float = 0.9
-    min_face_size: int = 20
+    det_threshold: float = DEFAULT_DET_THRESHOLD
+    min_face_size: int = DEFAULT_MIN_FACE_SIZE
     threads: int | None = None
     json: bool = False
     csv: str | None = None
@@ -59,6 +59,7 @@ class RunConfig:
     recursive: bool = False
     every: int = 1
     flip: bool = False
+    max_faces: int | None = None
 
 
 @dataclass
@@ -296,10 +297,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
               help="face detector; none = every image is one pre-cropped face")
 @click.option("--detector-model", type=click.Path(dir_okay=False),
               help="local YuNet ONNX file [default: AGEGENDER_DETECTOR_MODEL, else the fetched copy]")
-@click.option("--det-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+@click.option("--det-threshold", type=click.FloatRange(0, 1), default=DEFAULT_DET_THRESHOLD, show_default=True,
               help="minimum YuNet face score")
-@click.option("--min-face-size", type=click.IntRange(min=0), default=20, show_default=True,
+@click.option("--min-face-size", type=click.IntRange(min=0), default=DEFAULT_MIN_FACE_SIZE, show_default=True,
               help="ignore detected faces smaller than this (pixels)")
+@click.option("--max-faces", type=click.IntRange(min=1), help="keep only the N largest faces of each image "
+              "[default: all]")
 @click.option("--flip", is_flag=True, help="average each face with its mirror image: a little more accurate, "
               "about 1.8x the classification time (see the model card)")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all cores]")
@@ -315,7 +318,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="only errors on stderr")
 @click.version_option(__version__, prog_name="agegender-run")
 def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_model: str | None, det_threshold: float,
-        min_face_size: int, flip: bool, threads: int | None, as_json: bool, csv_file: str | None, save_annotated: str | None,
+        min_face_size: int, max_faces: int | None, flip: bool, threads: int | None, as_json: bool, csv_file: str | None, save_annotated: str | None,
         recursive: bool, every: int, fetch_detector: bool, verbose: int, quiet: bool) -> None:
     """Find faces in images, directories (sorted), videos or `-` (paths on stdin) and print each
     face's age group and gender. Exit status: 0 every input read, 1 any input failed, 2 usage error."""
@@ -331,7 +334,7 @@ def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_mode
     if not inputs:
         raise click.UsageError("no INPUT given (image files, directories, videos, or - for paths on stdin)")
     cfg = RunConfig(tuple(inputs), model, detector, detector_model, det_threshold, min_face_size, threads, as_json,
-                    csv_file, save_annotated, recursive, every, flip)
+                    csv_file, save_annotated, recursive, every, flip, max_faces)
     from .model import ModelError
     from .predictor import Predictor
 
@@ -341,7 +344,7 @@ def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_mode
         cv2.setNumThreads(threads)
     try:
         predictor = Predictor(cfg.model, cfg.detector, cfg.threads, cfg.detector_model, cfg.min_face_size,
-                              cfg.det_threshold, cfg.flip)
+                              cfg.det_threshold, cfg.flip, max_faces=cfg.max_faces)
     except (ModelError, DetectorError) as e:
         raise SetupError(str(e)) from None
     log.info("model %s (%s, %s px); detector %s", predictor.model_path, predictor.meta.arch, predictor.meta.input_size,

@@ -32,8 +32,14 @@ HAAR_FILE = "haarcascade_frontalface_default.xml"
 DETECTORS = ("auto", "yunet", "haar", "none")
 AUTO_TIMEOUT_S = 5.0  # `auto` must not hang an offline device for long
 FETCH_TIMEOUT_S = 60.0
-DETECT_LONG_SIDE = 640  # YuNet misses faces over ~300 px: detect on a downscaled copy
-RETRY_LONG_SIDE = 320  # a face filling a 640-px image is still too big: one retry smaller
+DEFAULT_DET_THRESHOLD = 0.9  # YuNet score; chosen on benchmarks/bench_detect.py (benchmarks/README.md)
+DEFAULT_MIN_FACE_SIZE = 20  # pixels, shorter side: the one default of Predictor, the CLI and create_detector
+NMS_THRESHOLD = 0.3
+MAIN_MIN_SIDE = 640  # YuNet's main pass: the image's long side x MAIN_SCALE, within these bounds
+MAIN_SCALE = 1.0
+MAIN_MAX_SIDE = 640
+LARGE_FACE_SIDE = 320  # YuNet misses faces over ~300 px: a second, small pass finds them
+HAAR_LONG_SIDE = 1280
 MIN_INPUT_SIDE = 64
 INSTALL_HINT = ("run `agegender-run --fetch-detector` once on a machine with internet access (copy the cache "
                 "dir to offline devices), or pass --detector-model PATH / set AGEGENDER_DETECTOR_MODEL")
@@ -49,6 +55,7 @@ class Detection:
 
     box: tuple[float, float, float, float]
     score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None  # YuNet: right eye, left eye, nose, mouth r/l
 
 
 class Detector(Protocol):
@@ -150,21 +157,56 @@ def _scaled(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
 
 
+@dataclass(frozen=True)
+class Passes:
+    """The input sizes (long side, pixels) YuNet sees for an image whose long side is ``long_side``.
+
+    A main pass at ``long_side x scale``, at least ``min_side`` (never upscaled) and at most
+    ``max_side`` (which bounds time and memory on huge photos), then a pass at ``large_side`` for
+    faces too big for the main pass (YuNet misses faces over ~300 px); 0 turns it off.
+    """
+
+    min_side: int = MAIN_MIN_SIDE
+    scale: float = MAIN_SCALE
+    max_side: int = MAIN_MAX_SIDE
+    large_side: int = LARGE_FACE_SIDE
+
+    def sides(self, long_side: int) -> list[int]:
+        main = min(long_side, self.max_side, max(self.min_side, round(long_side * self.scale)))
+        return [main, self.large_side] if 0 < self.large_side < main else [main]
+
+
 class YuNetDetector:
-    """OpenCV's YuNet (``cv2.FaceDetectorYN``), run on a copy downscaled to 640 px (then 320 px)."""
+    """OpenCV's YuNet (``cv2.FaceDetectorYN``) run at the sizes of ``passes``, merged by NMS.
+
+    ``det_score`` is YuNet's score of the pass that scored the face highest; because the passes
+    are fixed fractions/sizes of the image, the same photo at another resolution gives (nearly)
+    the same scores (see benchmarks/README.md).
+    """
 
     name = "yunet"
 
-    def __init__(self, model_path: str | os.PathLike, score_threshold: float = 0.9, nms_threshold: float = 0.3):
+    def __init__(self, model_path: str | os.PathLike, score_threshold: float = DEFAULT_DET_THRESHOLD,
+                 nms_threshold: float = NMS_THRESHOLD, passes: Passes = Passes()):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise DetectorError(f"{self.model_path}: no such YuNet model file")
+        self.score_threshold, self.nms_threshold, self.passes = float(score_threshold), float(nms_threshold), passes
         try:
             self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320),
-                                                  score_threshold, nms_threshold, 5000)
+                                                  self.score_threshold, self.nms_threshold, 5000)
         except cv2.error as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else "cv2.error"
-            raise DetectorError(f"{self.model_path}: not a loadable YuNet model ({msg[:160]})") from None
+            raise DetectorError(f"{self.model_path}: not a loadable YuNet model ({_cv_msg(e)})") from None
+        for probe in ((320, 240), (333, 250)):  # a model that cannot run at other sizes fails here, at setup
+            self._run(np.zeros((probe[1], probe[0], 3), np.uint8))
+
+    def _run(self, bgr: np.ndarray) -> np.ndarray | None:
+        h, w = bgr.shape[:2]
+        try:
+            self._net.setInputSize((w, h))
+            return self._net.detect(bgr)[1]
+        except cv2.error as e:
+            raise DetectorError(f"{self.model_path}: YuNet cannot run on a {w}x{h} input ({_cv_msg(e)})") from None
 
     def _detect_at(self, image: np.ndarray, long_side: int) -> list[Detection]:
         small, scale = _scaled(image, long_side)
@@ -172,23 +214,34 @@ class YuNetDetector:
         if min(h, w) < MIN_INPUT_SIDE:  # YuNet returns garbage boxes for tiny inputs: pad them
             small = cv2.copyMakeBorder(small, 0, max(0, MIN_INPUT_SIDE - h), 0, max(0, MIN_INPUT_SIDE - w),
                                        cv2.BORDER_CONSTANT, value=(0, 0, 0))
-            h, w = small.shape[:2]
-        self._net.setInputSize((w, h))
-        _, out = self._net.detect(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+        out = self._run(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
         if out is None:
             return []
         dets = []
         for row in out:
             x, y, bw, bh = (float(v) / scale for v in row[:4])
-            if np.isfinite(row[:4]).all() and bw > 0 and bh > 0:
-                dets.append(Detection((x, y, x + bw, y + bh), float(row[14])))
+            if np.isfinite(row[:15]).all() and bw > 0 and bh > 0:
+                marks = tuple((float(row[i]) / scale, float(row[i + 1]) / scale) for i in range(4, 14, 2))
+                dets.append(Detection((x, y, x + bw, y + bh), float(row[14]), marks))
         return dets
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        dets = self._detect_at(image, DETECT_LONG_SIDE)
-        if not dets and max(image.shape[:2]) > RETRY_LONG_SIDE:
-            dets = self._detect_at(image, RETRY_LONG_SIDE)
-        return dets
+        dets = [d for side in self.passes.sides(max(image.shape[:2])) for d in self._detect_at(image, side)]
+        return nms(dets, self.score_threshold, self.nms_threshold)
+
+
+def nms(dets: list[Detection], score_threshold: float, nms_threshold: float = NMS_THRESHOLD) -> list[Detection]:
+    """``dets`` over the threshold without overlapping duplicates (``cv2.dnn.NMSBoxes``), best first."""
+    if not dets:
+        return []
+    boxes = [[d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]] for d in dets]
+    keep = cv2.dnn.NMSBoxes(boxes, [d.score for d in dets], score_threshold, nms_threshold)
+    return [dets[i] for i in np.asarray(keep, dtype=int).reshape(-1)]
+
+
+def _cv_msg(e: cv2.error) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[-1] if lines else "cv2.error")[:160]
 
 
 class HaarDetector:
@@ -208,7 +261,7 @@ class HaarDetector:
         self.min_size = max(1, int(min_size))
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        small, scale = _scaled(image, 2 * DETECT_LONG_SIDE)
+        small, scale = _scaled(image, HAAR_LONG_SIDE)
         if min(small.shape[:2]) < 24:
             return []
         grey = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
@@ -239,8 +292,9 @@ def _given_model(model_path: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def create_detector(name: str = "auto", model_path: str | os.PathLike | None = None, min_face_size: int = 0,
-                    score_threshold: float = 0.9, timeout: float = AUTO_TIMEOUT_S) -> Detector:
+def create_detector(name: str = "auto", model_path: str | os.PathLike | None = None,
+                    min_face_size: int = DEFAULT_MIN_FACE_SIZE, score_threshold: float = DEFAULT_DET_THRESHOLD,
+                    timeout: float = AUTO_TIMEOUT_S) -> Detector:
     """Build a detector by name (auto, yunet, haar, none); raises DetectorError.
 
     ``auto``: YuNet if a file is given or a verified copy is cached, else try the fetch with a
