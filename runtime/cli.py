@@ -2,19 +2,22 @@
 
 Results go to stdout (a readable line per face, or JSON Lines with ``--json``); diagnostics go
 to stderr through logging. A bad input gives one line for that input and the run goes on.
-Exit status: 0 every input read, 1 any input failed, 2 usage or setup error.
+Exit status: 0 every input read, 1 any input failed, 2 usage or setup error (also an output that
+would overwrite an input), 130 interrupted (SIGINT); SIGTERM/SIGHUP while a CSV is written remove
+its temporary file (exit 143/129).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
+import inspect
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -22,18 +25,19 @@ import click
 
 from .. import __version__
 from .detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, DETECTORS, DetectorError, fetch_yunet
+from .fsutil import atomic_open, write_error_line
 from .imageio import IMAGE_EXTS, ImageError, read_image
-from .labels import AGE_GROUPS
+from .model import ModelError
+from .outputs import CSV_COLUMNS, Annotator, OutputRefused, check_outputs, csv_rows, json_line
 
 if TYPE_CHECKING:
     from .predictor import Face, Predictor
 
 log = logging.getLogger("agegender.runtime.cli")
 
-WRITABLE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PROGRESS_MIN_INPUTS = 5
-CSV_COLUMNS = ["path", "frame", "width", "height", "face", "x1", "y1", "x2", "y2", "det_score", "age", "gender",
-               "gender_score", "error"] + [f"age_prob_{g}" for g in AGE_GROUPS]
+EXIT_INTERRUPTED = 130
+__all__ = ["CSV_COLUMNS", "Result", "RunConfig", "cli", "main", "run"]
 
 
 class SetupError(click.ClickException):
@@ -64,7 +68,7 @@ class RunConfig:
 
 @dataclass
 class Result:
-    """What one image (or one video frame) gave: the JSON Lines object of DESIGN.md."""
+    """What one image (or one video frame) gave: one ``--json`` line (README, "JSON output")."""
 
     path: str
     width: int | None = None
@@ -140,7 +144,7 @@ def expand_inputs(inputs: Sequence[str], recursive: bool, stdin: TextIO | None =
 
 # --------------------------------------------------------------------------- processing
 def _failed(path: str, exc: BaseException, frame: int | None = None) -> Result:
-    if isinstance(exc, (ImageError, OSError)):
+    if isinstance(exc, (ImageError, ModelError, OSError)):
         msg = str(exc)
     else:  # an unexpected library error on this input: one line for the user, details with -v
         log.debug("while processing %s", path, exc_info=exc)
@@ -171,73 +175,18 @@ def process(predictor: Predictor, path: str, every: int = 1, keep_image: bool = 
     yield Result(path, image.shape[1], image.shape[0], faces, image=image if keep_image else None)
 
 
-def csv_rows(r: Result) -> Iterator[list[Any]]:
-    """CSV rows of one result: one per face, or one with empty face columns."""
-    head = [r.path, "" if r.frame is None else r.frame, r.width or "", r.height or ""]
-    if not r.faces:
-        yield head + [""] * 9 + [r.error or ""] + [""] * len(AGE_GROUPS)
-    for i, f in enumerate(r.faces):
-        d = f.to_dict()
-        probs = [d["age_probs"][g] if d["age_probs"] else "" for g in AGE_GROUPS]
-        yield head + [i, *d["box"], d["det_score"], d["age"] or "", d["gender"] or "",
-                      "" if d["gender_score"] is None else d["gender_score"], ""] + probs
-
-
-class Annotator:
-    """Writes each image with its boxes, gender and age drawn into one folder (names kept unique)."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.used: set[str] = set()
-
-    def _name(self, r: Result) -> str:
-        p = Path(r.path)
-        suffix = p.suffix.lower() if p.suffix.lower() in WRITABLE_EXTS else ".jpg"
-        stem = p.stem if r.frame is None else f"{p.stem}_f{r.frame:06d}"
-        name, k = f"{stem}{suffix}", 1
-        while name in self.used:
-            name, k = f"{stem}_{k}{suffix}", k + 1
-        self.used.add(name)
-        return name
-
-    def save(self, r: Result) -> None:
-        import cv2
-
-        from .fsutil import atomic_path
-
-        img = cv2.cvtColor(r.image, cv2.COLOR_RGB2BGR)
-        scale = max(0.4, min(img.shape[:2]) / 700)
-        thick = max(2, round(scale * 2))
-        for f in r.faces:
-            x1, y1, x2, y2 = f.box
-            color = (230, 120, 30) if f.gender == "male" else (160, 40, 220) if f.gender == "female" else (40, 200, 40)
-            cv2.rectangle(img, (x1, y1), (x2, y2), color, thick)
-            label = " ".join(v for v in (f.gender, f.age) if v)
-            (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-            ty = y1 - 4 if y1 - th - base - 4 >= 0 else y2 + th + 4
-            cv2.rectangle(img, (x1, ty - th - 2), (x1 + tw + 2, ty + base), color, -1)
-            cv2.putText(img, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
-        final = self.folder / self._name(r)
-        with atomic_path(final, suffix=final.suffix) as tmp:
-            if not cv2.imwrite(str(tmp), img):
-                raise OSError(f"{final}: cannot write the annotated image")
-
-
 def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> int:
     """Process ``files`` in order, writing every output; returns the exit status (0 or 1)."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .fsutil import atomic_path
-
     status = 0
-    annotator = Annotator(cfg.save_annotated) if cfg.save_annotated else None
+    annotator = Annotator(cfg.save_annotated, files) if cfg.save_annotated else None
     with contextlib.ExitStack() as stack:
         writer = None
-        if cfg.csv:  # written under a temporary name, renamed onto cfg.csv only when the run completes
-            fh = stack.enter_context(open(stack.enter_context(atomic_path(cfg.csv, suffix=".csv")), "w",
-                                          newline="", encoding="utf-8"))
+        if cfg.csv:  # a temporary file renamed onto cfg.csv when the run completes (see fsutil)
+            fh = stack.enter_context(atomic_open(cfg.csv, "w", suffix=".csv", newline="", encoding="utf-8",
+                                                 errors="backslashreplace"))  # undecodable names: \xNN
             writer = csv.writer(fh)
             writer.writerow(CSV_COLUMNS)
         stack.enter_context(logging_redirect_tqdm([logging.getLogger("agegender")]))
@@ -245,10 +194,10 @@ def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> 
                                        disable=True if len(files) < PROGRESS_MIN_INPUTS else None))
         for path in files:
             for r in process(predictor, path, cfg.every, keep_image=annotator is not None):
+                lines = _output_lines(r, cfg.json)
                 if r.error:
                     status = 1
                     log.error("%s", r.error)
-                lines = [json.dumps(r.to_dict(), ensure_ascii=False)] if cfg.json else [] if r.error else r.text_lines()
                 for line in lines:
                     if bar.disable:
                         out.write(line + "\n")
@@ -270,6 +219,17 @@ def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> 
     return status
 
 
+def _output_lines(r: Result, as_json: bool) -> list[str]:
+    """stdout lines of one result; a result JSON cannot hold (NaN) becomes an error for its input."""
+    if not as_json:
+        return [] if r.error else r.text_lines()
+    try:
+        return [json_line(r.to_dict())]
+    except ValueError:
+        r.faces, r.error = [], f"{r.path}: non-finite values in the results"
+        return [json_line(r.to_dict())]
+
+
 # --------------------------------------------------------------------------- command
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -289,6 +249,45 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float option in a range; NaN passes every comparison, so it is refused explicitly."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def usable_threads(threads: int | None) -> int | None:
+    """``threads`` capped at the cores this process may use (more only slows onnxruntime down)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is not None and threads > cores:
+        log.warning("--threads %d is more than the %d core(s) available: using %d", threads, cores, cores)
+        return cores
+    return threads
+
+
+def make_predictor(cfg: RunConfig) -> Predictor:
+    """The Predictor of ``cfg`` (its fields that Predictor takes), checked once on a blank image so an
+    unusable model or detector (e.g. a classifier given as --detector-model) is one setup error."""
+    import numpy as np
+
+    from .predictor import Predictor
+
+    wanted = inspect.signature(Predictor).parameters
+    try:
+        predictor = Predictor(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in wanted})
+    except (ModelError, DetectorError) as e:
+        raise SetupError(str(e)) from None
+    try:
+        predictor.detect(np.zeros((64, 64, 3), np.uint8))
+    except Exception as e:  # noqa: BLE001 - e.g. cv2.error from a detector file that is not YuNet
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise SetupError(f"the {predictor.detector.name} detector cannot run ({last[:200]})") from None
+    return predictor
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("--model", type=click.Path(dir_okay=False), help="agegender ONNX model [default: AGEGENDER_MODEL, "
@@ -297,7 +296,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
               help="face detector; none = every image is one pre-cropped face")
 @click.option("--detector-model", type=click.Path(dir_okay=False),
               help="local YuNet ONNX file [default: AGEGENDER_DETECTOR_MODEL, else the fetched copy]")
-@click.option("--det-threshold", type=click.FloatRange(0, 1), default=DEFAULT_DET_THRESHOLD, show_default=True,
+@click.option("--det-threshold", type=FiniteFloatRange(0, 1), default=DEFAULT_DET_THRESHOLD, show_default=True,
               help="minimum YuNet face score")
 @click.option("--min-face-size", type=click.IntRange(min=0), default=DEFAULT_MIN_FACE_SIZE, show_default=True,
               help="ignore detected faces smaller than this (pixels)")
@@ -305,10 +304,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
               "[default: all]")
 @click.option("--flip", is_flag=True, help="average each face with its mirror image: a little more accurate, "
               "about 1.8x the classification time (see the model card)")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all cores]")
-@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per image or frame")
-@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="also write one CSV row per face")
-@click.option("--save-annotated", type=click.Path(file_okay=False), help="write images with boxes drawn here")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all cores; more are capped]")
+@click.option("--json", "json", is_flag=True, help="JSON Lines on stdout, one object per image or frame")
+@click.option("--csv", "csv", type=click.Path(dir_okay=False), help="also write one CSV row per face (replaces "
+              "only an empty file or an earlier agegender-run CSV)")
+@click.option("--save-annotated", type=click.Path(file_okay=False), help="write images with boxes drawn here "
+              "(not a folder that holds an input)")
 @click.option("-r", "--recursive", is_flag=True, help="search directories recursively")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
               help="for videos: process every N-th frame")
@@ -317,12 +318,20 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="more diagnostics on stderr (-vv: debug)")
 @click.option("-q", "--quiet", is_flag=True, help="only errors on stderr")
 @click.version_option(__version__, prog_name="agegender-run")
-def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_model: str | None, det_threshold: float,
-        min_face_size: int, max_faces: int | None, flip: bool, threads: int | None, as_json: bool, csv_file: str | None, save_annotated: str | None,
-        recursive: bool, every: int, fetch_detector: bool, verbose: int, quiet: bool) -> None:
+def cli(inputs: tuple[str, ...], fetch_detector: bool, verbose: int, quiet: bool, **options: Any) -> None:
     """Find faces in images, directories (sorted), videos or `-` (paths on stdin) and print each
-    face's age group and gender. Exit status: 0 every input read, 1 any input failed, 2 usage error."""
+    face's age group and gender. Exit status: 0 every input read, 1 any input failed, 2 usage error,
+    130 interrupted."""
     setup_logging(verbose, quiet)
+    try:
+        _main(inputs, fetch_detector, options)
+    except KeyboardInterrupt:  # click would say "Aborted!" and exit 1, the status of a bad input
+        log.error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _main(inputs: tuple[str, ...], fetch_detector: bool, options: dict[str, Any]) -> None:
+    """The command once its options are parsed: setup (exit 2 on failure), then the run."""
     if fetch_detector:
         try:
             path = fetch_yunet()
@@ -333,33 +342,29 @@ def cli(inputs: tuple[str, ...], model: str | None, detector: str, detector_mode
             return
     if not inputs:
         raise click.UsageError("no INPUT given (image files, directories, videos, or - for paths on stdin)")
-    cfg = RunConfig(tuple(inputs), model, detector, detector_model, det_threshold, min_face_size, threads, as_json,
-                    csv_file, save_annotated, recursive, every, flip, max_faces)
-    from .model import ModelError
-    from .predictor import Predictor
-
-    if threads:
+    options["threads"] = usable_threads(options["threads"])
+    cfg = RunConfig(inputs=tuple(inputs), **options)
+    if cfg.threads:
         import cv2
 
-        cv2.setNumThreads(threads)
-    try:
-        predictor = Predictor(cfg.model, cfg.detector, cfg.threads, cfg.detector_model, cfg.min_face_size,
-                              cfg.det_threshold, cfg.flip, max_faces=cfg.max_faces)
-    except (ModelError, DetectorError) as e:
-        raise SetupError(str(e)) from None
+        cv2.setNumThreads(cfg.threads)
+    predictor = make_predictor(cfg)
     log.info("model %s (%s, %s px); detector %s", predictor.model_path, predictor.meta.arch, predictor.meta.input_size,
              predictor.detector.name)
-    if detector_model and predictor.detector.name != "yunet":
+    if cfg.detector_model and predictor.detector.name != "yunet":
         log.warning("--detector-model is used only by the yunet detector, not %s", predictor.detector.name)
     files = expand_inputs(cfg.inputs, cfg.recursive, sys.stdin)
     if not files:
         log.warning("no image or video files found in %s", ", ".join(cfg.inputs))
     try:
+        check_outputs(cfg.csv, cfg.save_annotated, files)
         status = run(cfg, predictor, files, sys.stdout)
     except BrokenPipeError:
         raise
+    except OutputRefused as e:
+        raise SetupError(str(e)) from None
     except OSError as e:  # input errors are handled per input: this is an output (--csv, --save-annotated)
-        raise SetupError(f"cannot write output: {e}") from None
+        raise SetupError(f"cannot write output: {write_error_line(e)}") from None
     sys.exit(status)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,29 @@ REQUIRED_KEYS = ("agegender_format", "age_groups", "genders", "input_size", "cro
 TASK_OUTPUTS = {"both": ("age_probs", "gender_probs"), "age": ("age_probs",), "gender": ("gender_probs",)}
 
 
+MAX_META_CHARS = 65536  # a metadata value longer than this is not ours (and json.loads of it could be slow)
+
+
 class ModelError(ValueError):
     """A model file that cannot be used; the message says which file and what is wrong."""
+
+
+def _json_value(props: dict[str, str], key: str) -> Any:
+    """``props[key]`` parsed as JSON; hostile values (huge, deeply nested) are a ValueError."""
+    text = props[key]
+    if len(text) > MAX_META_CHARS:
+        raise ValueError(f"{key} is {len(text):,} characters long")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{key} is nested too deeply") from None
+
+
+def _label_list(props: dict[str, str], key: str) -> tuple[str, ...]:
+    value = _json_value(props, key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a JSON list of strings")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -47,13 +69,15 @@ class ModelMeta:
             raise ModelError(f"{source}: agegender_format {props['agegender_format']!r} is not supported "
                              f"(this runtime reads {FORMAT_VERSION!r})")
         try:
-            age_groups = tuple(json.loads(props["age_groups"]))
-            genders = tuple(json.loads(props["genders"]))
-            metrics = json.loads(props["metrics"])
+            age_groups = _label_list(props, "age_groups")
+            genders = _label_list(props, "genders")
+            metrics = _json_value(props, "metrics")
             input_size = int(props["input_size"])
             crop_margin = float(props["crop_margin"])
         except (ValueError, TypeError) as e:
-            raise ModelError(f"{source}: malformed metadata ({e})") from None
+            raise ModelError(f"{source}: malformed metadata ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(metrics, dict) or not math.isfinite(crop_margin):
+            raise ModelError(f"{source}: malformed metadata (metrics must be an object, crop_margin finite)")
         if props["task"] not in TASK_OUTPUTS:
             raise ModelError(f"{source}: unknown task {props['task']!r} in metadata")
         if input_size < 8 or input_size > 2048 or not (-0.3 <= crop_margin <= 2.0):
@@ -106,6 +130,8 @@ class OnnxClassifier:
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != "image":
             raise ModelError(f"{src}: expected one input named 'image', found {[i.name for i in inputs]}")
+        if inputs[0].type != "tensor(float)":
+            raise ModelError(f"{src}: input 'image' is {inputs[0].type}, expected tensor(float) (float32)")
         shape = inputs[0].shape
         if len(shape) != 4 or shape[1] != 3 or any(isinstance(s, int) and s != self.meta.input_size for s in shape[2:]):
             raise ModelError(f"{src}: input shape {shape} does not match [N, 3, {self.meta.input_size}, "
@@ -114,11 +140,14 @@ class OnnxClassifier:
         expected = TASK_OUTPUTS[self.meta.task]
         if set(outputs) != set(expected):
             raise ModelError(f"{src}: task {self.meta.task!r} needs outputs {list(expected)}, model has {list(outputs)}")
+        types = {o.name: o.type for o in self.session.get_outputs()}
         for name, labels in (("age_probs", self.meta.age_groups), ("gender_probs", self.meta.genders)):
             if name in outputs:
-                width = outputs[name][-1]
-                if isinstance(width, int) and width != len(labels):
-                    raise ModelError(f"{src}: {name} has {width} classes but metadata lists {len(labels)}")
+                shape = outputs[name]
+                if types[name] != "tensor(float)" or len(shape) != 2:
+                    raise ModelError(f"{src}: {name} is {types[name]} {shape}, expected float32 [N, {len(labels)}]")
+                if isinstance(shape[-1], int) and shape[-1] != len(labels):
+                    raise ModelError(f"{src}: {name} has {shape[-1]} classes but metadata lists {len(labels)}")
         if "age_probs" in outputs and tuple(self.meta.age_groups) != AGE_GROUPS:
             raise ModelError(f"{src}: age groups {list(self.meta.age_groups)} differ from this runtime's {list(AGE_GROUPS)}")
         if "gender_probs" in outputs and tuple(self.meta.genders) != GENDERS:
@@ -148,4 +177,8 @@ class OnnxClassifier:
         outs = self.session.run(self.output_names, {"image": batch})
         if flip:
             outs = [(o[:n] + o[n:]) / 2 for o in outs]
+        for name, o in zip(self.output_names, outs):
+            if o.shape[0] != n or not np.isfinite(o).all():
+                raise ModelError(f"{self.path}: {name} has non-finite values or a wrong shape {list(o.shape)} "
+                                 f"for this input")
         return dict(zip(self.output_names, outs))

@@ -1,9 +1,11 @@
-"""`agegender-run`: inputs, output modes, exit codes and the bad-input list of the issue."""
+"""`agegender-run`: inputs, output modes, exit codes, and bad inputs that each give one error line
+while the run goes on (hostile inputs and outputs: test_hostile_inputs.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import zlib
 from pathlib import Path
 
 import cv2
@@ -189,6 +191,7 @@ def _bad_inputs(d: Path) -> dict[str, str]:
     huge[sof + 5:sof + 9] = (40000).to_bytes(2, "big") * 2
     png = bytearray(cv2.imencode(".png", _img())[1].tobytes())
     png[16:24] = (40000).to_bytes(4, "big") * 2
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")  # a valid header that claims 40000x40000
     d.mkdir()
     (d / "empty.jpg").write_bytes(b"")
     (d / "text.jpg").write_text("hello, I am not a JPEG")
@@ -198,7 +201,7 @@ def _bad_inputs(d: Path) -> dict[str, str]:
     _write(d / "tiny.png", _img(3, 3))
     _write(d / "ünï cödé 名前.jpg", _img())
     (d / "README.txt").write_text("not an image")
-    return {"empty.jpg": "empty file", "huge.jpg": "40000x40000", "huge.png": "40000x40000",
+    return {"empty.jpg": "empty file", "huge.jpg": "pixel limit", "huge.png": "pixel limit",
             "text.jpg": "not a readable image", "tiny.png": None, "truncated.jpg": "not a readable image",
             "ünï cödé 名前.jpg": None}
 
