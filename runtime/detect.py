@@ -1,6 +1,8 @@
 """Face detectors (YuNet, Haar, none) and the checksummed, cached YuNet fetch.
 
-YuNet is not bundled: it is fetched once into a user cache dir and verified by sha256 (pooch).
+YuNet is not bundled: it is fetched once into a user cache dir and verified by sha256. The fetch
+is bounded in total time and in size (a server that trickles or never ends its body is cut off),
+http(s) only, and leaves no temporary file behind (see fsutil).
 Every setting the fetch uses can be overridden by an environment variable, so offline devices
 and tests never need the internet:
 
@@ -12,13 +14,14 @@ and tests never need the internet:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -90,20 +93,67 @@ def cached_path(url: str | None = None) -> Path:
     return cache_dir() / name
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+YUNET_SIZE = 232_589  # bytes of the file with YUNET_SHA256: a download of it may not be longer
+MAX_DETECTOR_BYTES = 32 * 2**20  # bound for another file (AGEGENDER_DETECTOR_SHA256 set)
+URL_SCHEMES = ("http", "https")
+
+
+class _FetchRefused(Exception):
+    """A download cut off or rejected; the message completes "YuNet download from URL ..."."""
 
 
 def verified_cached_yunet() -> Path | None:
-    """The cached YuNet file when it exists and has the expected sha256, else None."""
+    """The cached YuNet file when it is a regular file with the expected sha256, else None."""
+    import pooch
+
     path = cached_path()
-    if path.is_file() and sha256_of(path) == detector_sha256():
+    if path.is_file() and pooch.file_hash(str(path)) == detector_sha256():
         return path
     return None
+
+
+def _get(url: str, timeout: float, limit: int, cancel: threading.Event) -> bytes:
+    """The body of ``url``, refused past ``limit`` bytes (the Content-Length is checked first)."""
+    import requests
+
+    per_read = min(timeout, 10.0)
+    with requests.get(url, stream=True, timeout=(per_read, per_read)) as r:
+        r.raise_for_status()
+        length = r.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            raise _FetchRefused(f"rejected: {int(length):,} bytes announced, more than the expected {limit:,}")
+        data = bytearray()
+        for chunk in r.iter_content(1 << 14):
+            if cancel.is_set():
+                break
+            data += chunk
+            if len(data) > limit:
+                raise _FetchRefused(f"rejected: more than the expected {limit:,} bytes")
+        return bytes(data)
+
+
+def _download(url: str, timeout: float, limit: int) -> bytes:
+    """``_get`` in a worker thread, so the whole fetch takes at most ``timeout`` seconds: the
+    socket timeout bounds each read only, and a server sending a byte a second never trips it.
+    The body is kept in memory: a killed fetch leaves no file."""
+    box: dict[str, object] = {}
+    cancel = threading.Event()
+
+    def work() -> None:
+        try:
+            box["data"] = _get(url, timeout, limit, cancel)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="agegender-fetch", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        cancel.set()
+        raise _FetchRefused(f"cut off: not complete within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["data"]  # type: ignore[return-value]
 
 
 def fetch_yunet(timeout: float = FETCH_TIMEOUT_S) -> Path:
@@ -111,33 +161,42 @@ def fetch_yunet(timeout: float = FETCH_TIMEOUT_S) -> Path:
 
     A download whose checksum differs is deleted, never cached. Raises DetectorError.
     """
-    import pooch
     import requests
 
     url, expected, path = detector_url(), detector_sha256(), cached_path()
     cached = verified_cached_yunet()
     if cached is not None:
         return cached
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise DetectorError(f"cannot download YuNet from {url}: unsupported URL scheme {scheme or 'none'!r} (http or "
+                            f"https only; for a local file use --detector-model or AGEGENDER_DETECTOR_MODEL)")
     log.info("fetching the YuNet face detector from %s into %s", url, path.parent)
-    pooch_log = pooch.get_logger()  # pooch's own logger prints every download at INFO: keep ours only
-    level = pooch_log.level
-    pooch_log.setLevel(logging.WARNING)
     try:
-        got = pooch.retrieve(url, known_hash=f"sha256:{expected}", fname=path.name, path=path.parent,
-                             downloader=pooch.HTTPDownloader(timeout=timeout, progressbar=False))
-    except ValueError:  # pooch: hash mismatch (the temporary download is already deleted)
-        raise DetectorError(f"YuNet download from {url} rejected: its sha256 differs from the expected "
-                            f"{expected}; nothing was cached") from None
+        data = _download(url, timeout, YUNET_SIZE if expected == YUNET_SHA256 else MAX_DETECTOR_BYTES)
+        _store_verified(data, path, expected)
+    except _FetchRefused as e:
+        raise DetectorError(f"YuNet download from {url} {e}; nothing was cached") from None
     except requests.exceptions.RequestException as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         why = f"HTTP {status}" if status else type(e).__name__
         raise DetectorError(f"cannot download YuNet from {url}: {why}") from None
     except OSError as e:
         raise DetectorError(f"cannot write the YuNet cache in {path.parent}: {e.strerror or e}") from None
-    finally:
-        pooch_log.setLevel(level)
-    log.info("YuNet cached at %s (sha256 verified)", got)
-    return Path(got)
+    log.info("YuNet cached at %s (sha256 verified)", path)
+    return path
+
+
+def _store_verified(data: bytes, path: Path, expected: str) -> None:
+    """Write ``data`` to ``path`` only if its sha256 is ``expected`` (checked on the written file)."""
+    import pooch
+
+    from .fsutil import atomic_path
+
+    with atomic_path(path, suffix=".onnx") as tmp:
+        tmp.write_bytes(data)
+        if pooch.file_hash(str(tmp)) != expected:
+            raise _FetchRefused(f"rejected: its sha256 differs from the expected {expected}")
 
 
 # --------------------------------------------------------------------------- detectors

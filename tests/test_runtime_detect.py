@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pooch
 import pytest
 from click.testing import CliRunner
 from contract_model import FACE_NAME, face_on_canvas, iou, isolate_runtime_env
@@ -128,7 +129,7 @@ def test_detector_model_from_option_or_env(yunet_model, monkeypatch, tmp_path):
 def test_good_download_is_cached_verified_and_used(yunet_server, tmp_path):
     server = yunet_server
     path = fetch_yunet()
-    assert path.parent == tmp_path / "cache" and detect.sha256_of(path) == SHARED_YUNET_SHA256
+    assert path.parent == tmp_path / "cache" and pooch.file_hash(str(path)) == SHARED_YUNET_SHA256
     assert len(server.hits) == 1
     det = create_detector("auto")
     assert det.name == "yunet" and det.model_path == path
@@ -171,7 +172,7 @@ def test_a_tampered_cached_file_is_not_used(yunet_server):
     cached.write_bytes(b"tampered")
     assert detect.verified_cached_yunet() is None
     assert create_detector("auto").name == "yunet"  # fetched again, verified
-    assert detect.sha256_of(cached) == SHARED_YUNET_SHA256 and len(server.hits) == 1
+    assert pooch.file_hash(str(cached)) == SHARED_YUNET_SHA256 and len(server.hits) == 1
 
 
 def test_cli_fetch_detector_then_offline_use(yunet_server, tmp_path):
