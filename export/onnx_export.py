@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .. import __version__
-from . import parity
+from . import kernels, parity
 from .net import ProbsModel, load_checkpoint, net_from_checkpoint
 from .quantize import QuantizeError, QuantSettings, describe_choice, preprocess, search
 from ..runtime.fsutil import atomic_path, write_json
@@ -65,6 +65,7 @@ class ExportConfig:
     reduce_range: bool = False
     islands: bool = True
     latency_runs: int = 50
+    emulated_size: int = 300
     force: bool = False
     progress: bool = True
 
@@ -152,16 +153,6 @@ def runtime_check(path: Path) -> OnnxClassifier:
 
 
 # --------------------------------------------------------------------------- pipeline
-@dataclass
-class Report:
-    """Everything parity.json records."""
-
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-
-
 def _thresholds(cfg: ExportConfig) -> parity.Int8Thresholds:
     return parity.Int8Thresholds(cfg.max_drop, tuple(cfg.min_agreement), cfg.agreement_margin)
 
@@ -182,18 +173,34 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.checkpoint)
     if cfg.crop_margin is not None:  # measured after training (benchmarks/measure_crop_margin.py)
         ckpt["crop_margin"] = float(cfg.crop_margin)
+    bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ExportError(f"{cfg.checkpoint}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]}): "
+                          f"the training run diverged; export an earlier checkpoint")
     net = net_from_checkpoint(ckpt)
     size = int(ckpt["model_args"]["img_size"])
     model = ProbsModel(net).eval()
-    rep = Report({"checkpoint": str(Path(cfg.checkpoint).resolve()), "arch": net.args.arch, "task": net.args.task,
+    rep: dict[str, Any] = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "arch": net.args.arch, "task": net.args.task,
                   "input_size": size, "crop_margin": float(ckpt.get("crop_margin", 0.0)),
-                  "package_version": __version__, "options": _options(cfg)})
+                  "package_version": __version__, "options": _options(cfg)}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     try:
         _run(cfg, ckpt, model, size, rep)
     finally:
-        write_json(cfg.report_path, rep.data)
-    return rep.data
+        write_json(cfg.report_path, finite_json(rep))
+    return rep
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as null: parity.json stays valid JSON for every reader."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def _options(cfg: ExportConfig) -> dict[str, Any]:
@@ -203,7 +210,7 @@ def _options(cfg: ExportConfig) -> dict[str, Any]:
     return d
 
 
-def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, rep: Report) -> None:
+def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, rep: dict[str, Any]) -> None:
     src = parity.resolve_sources(ckpt, cfg.calib_data, cfg.data_root)
     for note in src.notes:  # also in parity.json, and in the error when images run short
         log.info("%s", note)
@@ -213,9 +220,9 @@ def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, 
     calib = parity.load_faces(src.calib, size, max(need_calib, cfg.parity_size), "calibration faces", seed=1,
                               progress=cfg.progress)
     gate_faces = _parity_faces(test, calib, cfg.parity_size)
-    rep.set("data", {"calibration_source": src.calib_source, "test_source": src.test_source, "notes": src.notes,
-                     "test_images": len(test), "calibration_images_available": len(calib),
-                     "unreadable_skipped": test.failed + calib.failed})
+    rep["data"] = {"calibration_source": src.calib_source, "test_source": src.test_source, "notes": src.notes,
+                   "test_images": len(test), "calibration_images_available": len(calib),
+                   "unreadable_skipped": test.failed + calib.failed}
     if len(gate_faces) < parity.PARITY_MIN_IMAGES:
         where = "; ".join(src.notes) or f"{src.calib_source} / {src.test_source}"
         raise ExportError(f"only {len(gate_faces)} readable images for the parity gate (need "
@@ -227,16 +234,19 @@ def _run(cfg: ExportConfig, ckpt: dict[str, Any], model: ProbsModel, size: int, 
         ref = parity.predict_torch(model, gate_faces.faces)
         got = parity.predict_ort(parity.ort_session(tmp), gate_faces.faces)
         gate = parity.parity_gate(ref, got, PARITY_TOL)
-        rep.set("fp32", {"path": str(cfg.fp32_path), "parity": gate, "bytes": tmp.stat().st_size})
+        rep["fp32"] = {"path": str(cfg.fp32_path), "parity": gate, "bytes": tmp.stat().st_size}
         if not gate["passed"]:
             _remove_stale(cfg, both=True)
+            if gate["nonfinite"]:
+                raise GateFailed(f"fp32 parity gate failed: the model outputs NaN/inf "
+                                 f"({'; '.join(gate['nonfinite'])}); no model written")
             raise GateFailed(f"fp32 parity gate failed: max |Δprob| {gate['max_abs_diff']:.2e} (limit "
                              f"{PARITY_TOL:g}), top-1 mismatches {gate['top1_mismatches']} on {gate['images']} "
                              f"images; no model written (see {cfg.report_path})")
         runtime_check(tmp)
     log.info("fp32 parity passed: max |Δprob| %.2e on %d images", gate["max_abs_diff"], gate["images"])
     one_face = gate_faces.faces[0]
-    rep.data["fp32"]["latency_ms_1thread"] = parity.latency_ms(cfg.fp32_path, one_face, cfg.latency_runs)
+    rep["fp32"]["latency_ms_1thread"] = parity.latency_ms(cfg.fp32_path, one_face, cfg.latency_runs)
     if cfg.quantize:
         _quantize(cfg, ckpt, test, calib, gate_faces, rep)
 
@@ -258,8 +268,51 @@ def _remove_stale(cfg: ExportConfig, both: bool) -> None:
             p.unlink()
 
 
+def quant_settings(cfg: ExportConfig, ckpt: dict[str, Any]) -> QuantSettings:
+    """The requested settings; a quantization-aware checkpoint brings its own scheme (its weights sit on
+    the 7-bit grid of ``fakequant``, so they are quantized with onnxruntime's reduce_range and MinMax)."""
+    if ckpt.get("qat"):
+        if not cfg.reduce_range or cfg.calib_method not in ("auto", "minmax"):
+            log.info("quantization-aware checkpoint: 7-bit weights (reduce_range), MinMax calibration")
+        return QuantSettings("minmax", reduce_range=True)
+    return QuantSettings(cfg.calib_method, cfg.reduce_range)
+
+
+def qat_reference(ckpt: dict[str, Any], faces: np.ndarray) -> dict[str, np.ndarray] | None:
+    """For a quantization-aware checkpoint: the torch fake-quant model's outputs (what the int8 file
+    must reproduce); None for any other checkpoint."""
+    qat = ckpt.get("qat")
+    if not qat:
+        return None
+    from .fakequant import FakeQuantized, conv_bn_pairs
+
+    net = net_from_checkpoint(ckpt)
+    FakeQuantized(net, conv_bn_pairs(net, int(ckpt["model_args"]["img_size"])), qat.get("act_ranges"))
+    return parity.predict_torch(ProbsModel(net).eval(), faces)
+
+
+def qat_gate(ckpt: dict[str, Any], fakequant: dict[str, np.ndarray], int8: dict[str, np.ndarray],
+             gate: dict[str, Any], th: parity.Int8Thresholds) -> dict[str, Any]:
+    """A fine-tuned model is a new model: its int8 must agree with the fake-quant model it came from,
+    and lose no more than ``max_drop`` against the checkpoint the fine-tuning started from."""
+    failures = list(gate["failures"])
+    agree = parity.agreement(fakequant, int8)
+    for head, need in th.min_agreement:
+        if head in agree and agree[head] < need:
+            failures.append(f"fake-quant: {head} agreement {agree[head]:.4f} < {need:.4f}")
+    start = ((ckpt["qat"].get("start_metrics") or {}).get("test")) or {}
+    got = gate.get("int8_metrics") or {}
+    drops = {k: (start[k] - got[k]) * 100.0 for k in parity.METRIC_KEYS if k in start and k in got}
+    for k, d in drops.items():
+        if d > th.max_drop_pt + 1e-9:
+            failures.append(f"vs the checkpoint fine-tuning started from: {k} drop {d:.2f} pt > {th.max_drop_pt:g} pt")
+    return {"qat": {"agreement_with_fakequant": agree, "start_test_metrics": start, "drop_vs_start_pt": drops,
+                    "note": "start metrics are over the whole test fold; int8 over the gate's test faces"},
+            "failures": failures, "passed": not failures}
+
+
 def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, calib: parity.FaceSet,
-              gate_faces: parity.FaceSet, rep: Report) -> None:
+              gate_faces: parity.FaceSet, rep: dict[str, Any]) -> None:
     th = _thresholds(cfg)
     calib_faces = calib.faces[:cfg.calib_size] if len(calib) else gate_faces.faces
     if len(test):
@@ -269,11 +322,15 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
         log.warning("int8 gate: %s", mode)
     fp32_probs = parity.predict_ort(parity.ort_session(cfg.fp32_path), judge, desc="fp32 on gate images",
                                     progress=cfg.progress)
-    settings = QuantSettings(cfg.calib_method, cfg.reduce_range)
+    settings = quant_settings(cfg, ckpt)
+
+    fakequant_probs = qat_reference(ckpt, judge)
 
     def evaluate(path: Path) -> dict[str, Any]:
-        probs = parity.predict_ort(parity.ort_session(path), judge, desc=f"int8 {path.stem}", progress=cfg.progress)
-        return parity.int8_gate(fp32_probs, probs, records, th)
+        gate = kernels.judge_paths(path, fp32_probs, judge, records, th, cfg.emulated_size)
+        if fakequant_probs is not None:
+            gate.update(qat_gate(ckpt, fakequant_probs, kernels.predict(path, judge), gate, th))
+        return gate
 
     with tempfile.TemporaryDirectory(prefix="agegender-quant-") as work:
         wd = Path(work)
@@ -282,7 +339,7 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
         try:
             res = search(prep, calib_faces, evaluate, settings, wd, auto=cfg.islands)
         except QuantizeError as e:
-            rep.set("int8", {"error": str(e), "written": False})
+            rep["int8"] = {"error": str(e), "written": False}
             raise
         chosen = res.chosen
         assert chosen is not None
@@ -291,7 +348,7 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
                 "gate_mode": mode, "thresholds": th.to_dict(), "passed": res.passed, "strategy": chosen.name,
                 "gate": chosen.gate, "attempts": [a.summary() for a in res.attempts],
                 "sensitivity_nsr": {k: round(v, 6) for k, v in res.sensitivity.items()}, "written": False}
-        rep.set("int8", info)
+        rep["int8"] = info
         if not res.passed and not cfg.force:
             _remove_stale(cfg, both=False)
             raise GateFailed(f"int8 gate failed ({'; '.join(chosen.gate['failures'])}) after "
@@ -308,10 +365,10 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
             info["bytes"] = tmp.stat().st_size
         info["written"] = True
     info["latency_ms_1thread"] = parity.latency_ms(cfg.int8_path, gate_faces.faces[0], cfg.latency_runs)
-    rep.data["speedup_1thread"] = rep.data["fp32"]["latency_ms_1thread"] / max(info["latency_ms_1thread"], 1e-9)
-    if rep.data["speedup_1thread"] < 1.0:
+    rep["speedup_1thread"] = rep["fp32"]["latency_ms_1thread"] / max(info["latency_ms_1thread"], 1e-9)
+    if rep["speedup_1thread"] < 1.0:
         log.warning("the int8 model (%s) is not faster than fp32 on this CPU: %.2f vs %.2f ms/face",
-                    chosen.name, info["latency_ms_1thread"], rep.data["fp32"]["latency_ms_1thread"])
+                    chosen.name, info["latency_ms_1thread"], rep["fp32"]["latency_ms_1thread"])
     if not res.passed:
         raise GateFailed(f"int8 gate failed ({'; '.join(chosen.gate['failures'])}); written anyway "
                          f"(--force) to {cfg.int8_path}, the failure is recorded in its metadata")

@@ -186,19 +186,27 @@ def predict_torch(model, faces: np.ndarray, batch: int = 64) -> dict[str, np.nda
 
 
 # --------------------------------------------------------------------------- gates
+def nonfinite(probs: dict[str, np.ndarray]) -> list[str]:
+    """Outputs that hold NaN or inf (a diverged model): every gate fails on them."""
+    return [f"{name} has {int((~np.isfinite(v)).sum())} non-finite values" for name, v in probs.items()
+            if not np.isfinite(v).all()]
+
+
 def parity_gate(torch_probs: dict[str, np.ndarray], ort_probs: dict[str, np.ndarray],
                 tol: float = 1e-4) -> dict[str, Any]:
-    """fp32 ONNX vs torch: max |Δprob| <= tol and identical top-1 on every image."""
+    """fp32 ONNX vs torch: finite outputs, max |Δprob| <= tol and identical top-1 on every image."""
+    bad = nonfinite(torch_probs) + nonfinite(ort_probs)
     max_diff = 0.0
     mismatches: dict[str, int] = {}
     for name, ref in torch_probs.items():
         got = ort_probs[name]
-        max_diff = max(max_diff, float(np.max(np.abs(got - ref))) if ref.size else 0.0)
+        if ref.size and not bad:
+            max_diff = max(max_diff, float(np.max(np.abs(got - ref))))
         mismatches[name] = int((got.argmax(1) != ref.argmax(1)).sum())
     n = len(next(iter(torch_probs.values())))
-    passed = max_diff <= tol and not any(mismatches.values())
-    return {"passed": passed, "images": n, "max_abs_diff": max_diff, "tolerance": tol,
-            "top1_mismatches": mismatches}
+    passed = not bad and max_diff <= tol and not any(mismatches.values())
+    return {"passed": passed, "images": n, "max_abs_diff": None if bad else max_diff, "tolerance": tol,
+            "top1_mismatches": mismatches, "nonfinite": bad}
 
 
 def metrics_of(probs: dict[str, np.ndarray], records: list[Record]) -> dict[str, float | int]:
@@ -251,7 +259,7 @@ class Int8Thresholds:
 def int8_gate(fp32_probs: dict[str, np.ndarray], int8_probs: dict[str, np.ndarray],
               records: list[Record] | None, th: Int8Thresholds) -> dict[str, Any]:
     """Accuracy drop (when ``records`` carry labels) and top-1 agreement of int8 with fp32."""
-    failures: list[str] = []
+    failures: list[str] = [f"fp32 {b}" for b in nonfinite(fp32_probs)] + [f"int8 {b}" for b in nonfinite(int8_probs)]
     agree = agreement(fp32_probs, int8_probs, th.agreement_margin)
     for head, need in th.min_agreement:
         if head in agree and agree[head] < need:

@@ -10,6 +10,9 @@ import pytest
 # Tiny test models gain nothing from several threads, and OpenMP threads spinning on a busy
 # 2-core machine (a training run beside the tests) slow everyone down many times over.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The int8 gate's AVX2-only path runs a subprocess under qemu (~60x slower); in the default test run
+# the same subprocess runs natively (an empty emulator prefix), slow tests use the real emulator.
+os.environ.setdefault("AGEGENDER_AVX2_EMULATOR", "")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared"))

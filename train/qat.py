@@ -1,0 +1,178 @@
+"""Quantization-aware fine-tuning: a trained checkpoint -> one whose int8 answers like its float self.
+
+Starts from the checkpoint's weights, folds its batch norms, and trains a few epochs on the
+checkpoint's own training folds with the int8 scheme of ``export/fakequant.py`` simulated in the
+forward pass (7-bit per-channel weights that no CPU kernel saturates, u8 activations). The best
+epoch on the validation split (carved out of the training folds by subject, as training did) is
+kept. The result is a new model: its float weights sit exactly on the int8 grid, so its fp32 ONNX
+twin and its int8 ONNX differ only by activation rounding; the export gate judges the int8 against
+both the new float weights and the checkpoint it started from (``qat.start_test_metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..export.fakequant import FakeQuantized, conv_bn_pairs, fold_batchnorm, freeze_norms
+from ..export.net import CheckpointError, load_checkpoint, net_from_checkpoint, save_checkpoint
+from ..runtime.datasets import is_holdout, label_arrays, read_dataset
+from ..runtime.metrics import age_gender_metrics
+from .data import FaceDataset, build_cache, train_transform
+from .engine import _loss, predict, seed_everything
+from .run import split_train_val
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    checkpoint: str
+    out: str
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    val_frac: float = 0.1
+    seed: int = 42
+    data: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Split:
+    faces: np.ndarray
+    age: np.ndarray
+    gender: np.ndarray
+    scored: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def load_split(ckpt: dict[str, Any], cfg: QatConfig) -> Split:
+    """The checkpoint's own folds: training folds (minus validation), validation, test fold."""
+    data = ckpt.get("data") or {}
+    root = cfg.data or data.get("root")
+    if not root or not Path(root).exists():
+        raise CheckpointError(f"quantization-aware fine-tuning needs the data the checkpoint was trained on "
+                              f"({root or 'not named in the checkpoint'}, format {data.get('format', '?')}, "
+                              f"fold {data.get('fold')}, holdout {data.get('holdout', 0)}): give --data PATH")
+    records, report = read_dataset(root, data.get("format") or "auto")
+    holdout = float(data.get("holdout") or 0.0)
+    if holdout:
+        records = [r for r in records if not is_holdout(Path(r.path).name, holdout)]
+    size = int(ckpt["model_args"]["img_size"])
+    faces, ok = build_cache(records, size, cfg.cache_dir, progress=cfg.progress)
+    if not ok.any():
+        raise CheckpointError(f"{root}: none of the {len(records)} images could be read")
+    age, gender, scored = label_arrays(records)
+    folds = np.array([-1 if r.fold is None else r.fold for r in records])
+    k = data.get("fold")
+    test = np.flatnonzero((folds == k) & ok) if k is not None else np.zeros(0, int)
+    rest = np.flatnonzero((folds != k) & ok)
+    tr, va = split_train_val(records, rest, cfg.val_frac, cfg.seed + (k or 0))
+    log.info("QAT data: %s; train %d, val %d, test %d", report.describe(), len(tr), len(va), len(test))
+    return Split(faces, age, gender, scored, tr, va, test)
+
+
+def metrics(net: torch.nn.Module, s: Split, idx: np.ndarray) -> dict[str, float]:
+    probs = predict(net, s.faces, idx, torch.device("cpu"))
+    ap = probs["age"].argmax(1) if "age" in probs else None
+    gp = probs["gender"].argmax(1) if "gender" in probs else None
+    return age_gender_metrics(s.age[idx] if ap is not None else None, ap,
+                              s.gender[idx] if gp is not None else None, gp, s.scored[idx])
+
+
+def _score(m: dict[str, float]) -> float:
+    vals = [m[k] for k in ("age_exact", "age_1off", "gender_acc") if k in m and not math.isnan(m[k])]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def _epoch(net, fq: FakeQuantized, loader, opt, sched, smoothing: float, desc: str, progress: bool) -> float:
+    net.train()
+    freeze_norms(net)
+    fq.observe(True)
+    total, n = 0.0, 0
+    for x, age, gender in tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=2):
+        loss = _loss(net(x), age, gender, smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total, n = total + float(loss) * len(x), n + len(x)
+    fq.observe(False)
+    return total / max(n, 1)
+
+
+def run_qat(cfg: QatConfig) -> dict[str, Any]:
+    """Fine-tune, keep the best validation epoch, write OUT/qat.pt; returns its summary."""
+    seed_everything(cfg.seed)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    net = net_from_checkpoint(ckpt)
+    size = int(ckpt["model_args"]["img_size"])
+    s = load_split(ckpt, cfg)
+    start = {"val": metrics(net, s, s.val), "test": metrics(net, s, s.test) if len(s.test) else {}}
+    log.info("start (float): val %s", _fmt(start["val"]))
+    pairs = conv_bn_pairs(net, size)
+    fold_batchnorm(pairs)
+    fq = FakeQuantized(net, pairs)
+    ds = FaceDataset(s.faces, s.train, s.age, s.gender, train_transform(size))
+    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True, drop_last=len(ds) > cfg.batch_size)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * len(loader)))
+    with torch.no_grad():  # observe the activation ranges once before the first step
+        net.eval()
+        fq.observe(True)
+        predict(net, s.faces, s.train[:512], torch.device("cpu"))
+        fq.observe(False)
+    best, best_state, history = -1.0, None, []
+    for epoch in range(1, cfg.epochs + 1):
+        t = time.time()
+        loss = _epoch(net, fq, loader, opt, sched, cfg.label_smoothing, f"QAT epoch {epoch}", cfg.progress)
+        val = metrics(net, s, s.val)
+        history.append({"epoch": epoch, "loss": loss, **val, "seconds": round(time.time() - t, 1)})
+        better = _score(val) > best
+        log.info("QAT epoch %d/%d loss %.4f val %s | %.0fs%s", epoch, cfg.epochs, loss, _fmt(val), time.time() - t,
+                 " *best*" if better else "")
+        if better:
+            best = _score(val)
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_ranges = fq.ranges()
+    assert best_state is not None
+    net.load_state_dict(best_state)
+    for name, (lo, hi) in best_ranges.items():
+        pp = fq.act[name].activation_post_process
+        pp.min_val, pp.max_val = torch.tensor(lo), torch.tensor(hi)
+    final = {"val": metrics(net, s, s.val), "test": metrics(net, s, s.test) if len(s.test) else {}}
+    scheme = fq.remove()
+    return _save(cfg, ckpt, net, start, final, history, scheme)
+
+
+def _save(cfg: QatConfig, ckpt, net, start, final, history, scheme) -> dict[str, Any]:
+    out = dict(ckpt)
+    out["model"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    out["metrics"] = final
+    out["bn_folded"] = True
+    out["qat"] = {**scheme, "from": str(Path(cfg.checkpoint).resolve()), "epochs": cfg.epochs, "lr": cfg.lr,
+                  "start_metrics": start, "history": history}
+    path = Path(cfg.out)
+    save_checkpoint(path, out)
+    log.info("wrote %s: test (fake-quant) %s; started from %s", path, _fmt(final["test"]), _fmt(start["test"]))
+    return out["qat"]
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return " ".join(f"{k} {m[k]:.4f}" for k in ("age_exact", "age_1off", "gender_acc") if k in m)
