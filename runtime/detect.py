@@ -35,12 +35,13 @@ HAAR_FILE = "haarcascade_frontalface_default.xml"
 DETECTORS = ("auto", "yunet", "haar", "none")
 AUTO_TIMEOUT_S = 5.0  # `auto` must not hang an offline device for long
 FETCH_TIMEOUT_S = 60.0
-DEFAULT_DET_THRESHOLD = 0.9  # YuNet score; chosen on benchmarks/bench_detect.py (benchmarks/README.md)
+# Detector defaults, chosen on benchmarks/bench_detect.py (numbers in benchmarks/README.md):
+DEFAULT_DET_THRESHOLD = 0.7  # YuNet score: 0.9 missed real faces scoring 0.88-0.89; 0.6 let a landscape patch in
 DEFAULT_MIN_FACE_SIZE = 20  # pixels, shorter side: the one default of Predictor, the CLI and create_detector
 NMS_THRESHOLD = 0.3
-MAIN_MIN_SIDE = 640  # YuNet's main pass: the image's long side x MAIN_SCALE, within these bounds
-MAIN_SCALE = 1.0
-MAIN_MAX_SIDE = 640
+MAIN_MIN_SIDE = 640  # YuNet's main pass: long side = the image's / 4, within [640, 1024] (never upscaled):
+MAIN_SCALE = 0.25  # larger passes find more small faces but cost 2-5x the time on 1280-1920 px photos
+MAIN_MAX_SIDE = 1024  # bounds YuNet's time and memory on 12 MP+ photos
 LARGE_FACE_SIDE = 320  # YuNet misses faces over ~300 px: a second, small pass finds them
 HAAR_LONG_SIDE = 1280
 MIN_INPUT_SIDE = 64
@@ -268,7 +269,11 @@ class YuNetDetector:
             raise DetectorError(f"{self.model_path}: YuNet cannot run on a {w}x{h} input ({_cv_msg(e)})") from None
 
     def _detect_at(self, image: np.ndarray, long_side: int) -> list[Detection]:
+        """Faces found on ``image`` shrunk to ``long_side``, in ``image`` pixels."""
         small, scale = _scaled(image, long_side)
+        return self._detect_scaled(small, scale)
+
+    def _detect_scaled(self, small: np.ndarray, scale: float) -> list[Detection]:
         h, w = small.shape[:2]
         if min(h, w) < MIN_INPUT_SIDE:  # YuNet returns garbage boxes for tiny inputs: pad them
             small = cv2.copyMakeBorder(small, 0, max(0, MIN_INPUT_SIDE - h), 0, max(0, MIN_INPUT_SIDE - w),
@@ -285,7 +290,11 @@ class YuNetDetector:
         return dets
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        dets = [d for side in self.passes.sides(max(image.shape[:2])) for d in self._detect_at(image, side)]
+        dets, src, src_scale = [], image, 1.0
+        for side in self.passes.sides(max(image.shape[:2])):  # each pass shrinks the previous copy: cheap
+            src, scale = _scaled(src, side)
+            src_scale *= scale
+            dets += self._detect_scaled(src, src_scale)
         return nms(dets, self.score_threshold, self.nms_threshold)
 
 

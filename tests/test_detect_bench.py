@@ -1,0 +1,137 @@
+"""Issue 14's detector behaviour: a group photo at default settings, --max-faces, a scale-invariant
+det_score, eye-level alignment, and a YuNet that cannot run is an error, never zero faces."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from contract_model import build_contract_model, iou, isolate_runtime_env
+
+from agegender.runtime import Predictor
+from agegender.runtime.cli import cli
+from agegender.runtime.datasets import is_holdout, parse_utkface_name
+from agegender.runtime.detect import DetectorError, Passes, YuNetDetector, create_detector
+from agegender.runtime.preprocess import crop_face, eye_angle, prepare_face
+
+SIDES = (150, 60, 120, 75, 95, 135, 85)  # seven faces, 60-150 px
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    isolate_runtime_env(monkeypatch, tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_contract_model(tmp_path_factory.mktemp("m") / "contract.onnx", input_size=32, crop_margin=0.1)
+
+
+@pytest.fixture(scope="module")
+def group_photo(utkface_dir):
+    """A 1280x853 RGB scene: seven held-out UTKFace faces (60-150 px) on a textured gradient, and their boxes."""
+    names = sorted(p for p in utkface_dir.iterdir() if parse_utkface_name(p.name) and is_holdout(p.name, 0.1))
+    if len(names) < 30:
+        pytest.skip("too few held-out UTKFace faces")
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(60, 200, 1280, dtype=np.float32)[None, :, None]
+    img = np.clip(np.broadcast_to(ramp, (853, 1280, 3)) + rng.normal(0, 8, (853, 1280, 3)), 0, 255).astype(np.uint8)
+    boxes = []
+    for i, side in enumerate(SIDES):
+        x, y = 40 + i * 175, 120 + (i % 3) * 220
+        chip = cv2.cvtColor(cv2.imread(str(names[i * 4])), cv2.COLOR_BGR2RGB)
+        img[y:y + side, x:x + side] = cv2.resize(chip, (side, side), interpolation=cv2.INTER_AREA)
+        boxes.append((x, y, x + side, y + side))
+    return img, boxes
+
+
+def _matched(dets, boxes) -> list:
+    """The detection of each box (IoU >= 0.4), or None."""
+    return [max(dets, key=lambda d: iou(d.box, b), default=None) if any(iou(d.box, b) >= 0.4 for d in dets)
+            else None for b in boxes]
+
+
+def test_group_photo_every_face_found_at_default_settings(group_photo, yunet_model, model):
+    img, boxes = group_photo
+    faces = Predictor(model, detector="yunet", detector_model=yunet_model).predict(img)
+    assert len(faces) == len(boxes)
+    assert all(m is not None for m in _matched(faces, boxes))
+    assert [f.box[0] for f in faces] == sorted(f.box[0] for f in faces)  # still listed left to right
+
+
+def test_max_faces_keeps_the_largest(group_photo, yunet_model, model, tmp_path):
+    img, boxes = group_photo
+    path = tmp_path / "group.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    res = CliRunner().invoke(cli, [str(path), "--json", "--model", str(model), "--detector", "yunet",
+                                   "--detector-model", str(yunet_model), "--max-faces", "3"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["faces"]
+    largest = sorted(boxes, key=lambda b: b[2] - b[0])[-3:]
+    assert len(got) == 3 and all(any(iou(f["box"], b) >= 0.4 for f in got) for b in largest)
+    assert CliRunner().invoke(cli, [str(path), "--max-faces", "0"]).exit_code == 2
+    with pytest.raises(ValueError, match="max_faces"):
+        Predictor(model, detector="none", max_faces=0)
+
+
+@pytest.mark.parametrize("long_side", [640, 2048])
+def test_det_score_does_not_depend_on_the_photo_resolution(group_photo, yunet_model, long_side):
+    img, boxes = group_photo
+    det = create_detector("yunet", yunet_model, score_threshold=0.5)
+    scale = long_side / img.shape[1]
+    resized = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    ref, other = _matched(det.detect(img), boxes), _matched(det.detect(resized), [np.multiply(b, scale) for b in boxes])
+    pairs = [(a.score, b.score) for a, b in zip(ref, other) if a is not None and b is not None]
+    assert len(pairs) == len(boxes)
+    assert max(abs(a - b) for a, b in pairs) < 0.03
+
+
+def test_passes_bound_the_input_size():
+    p = Passes(640, 0.25, 1024, 320)
+    assert p.sides(300) == [300]
+    assert p.sides(1280) == [640, 320]
+    assert p.sides(4000) == [1000, 320]
+    assert p.sides(20_000) == [1024, 320]  # memory bounded on huge photos
+
+
+class _BrokenNet:
+    """A cv2.FaceDetectorYN stand-in that fails on inputs wider than ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, (0, 0)
+
+    def setInputSize(self, size):  # noqa: N802 - OpenCV's name
+        self.size = size
+
+    def detect(self, image):
+        if self.size[0] > self.limit:
+            raise cv2.error("OpenCV(4.x) dnn: cannot allocate the blob for this input")
+        return 1, None
+
+
+def test_yunet_that_cannot_run_at_a_size_is_an_error(yunet_model, monkeypatch, model, tmp_path):
+    det = YuNetDetector(yunet_model)
+    det._net = _BrokenNet(limit=500)
+    with pytest.raises(DetectorError, match="cannot run on a 640x"):
+        det.detect(np.zeros((480, 1280, 3), np.uint8))
+    monkeypatch.setattr(cv2.FaceDetectorYN, "create", lambda *a: _BrokenNet(limit=0))
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), np.zeros((64, 64, 3), np.uint8))
+    res = CliRunner().invoke(cli, [str(path), "--model", str(model), "--detector", "yunet",
+                                   "--detector-model", str(yunet_model)])
+    assert res.exit_code == 2 and "cannot run on a 320x240 input" in res.stderr and "Traceback" not in res.output
+
+
+def test_eye_angle_levels_the_eyes():
+    assert eye_angle([(40, 50), (60, 50)]) == 0.0 and eye_angle(None) == 0.0
+    assert eye_angle([(40, 50), (60, 70)]) == pytest.approx(45.0)
+    img = np.zeros((100, 100, 3), np.uint8)
+    cv2.line(img, (30, 30), (70, 70), (255, 255, 255), 3)  # a 45-degree line, as the eyes of a tilted face
+    flat = prepare_face(img, (20, 20, 80, 80), 0.0, 60, angle=45.0)
+    rows = np.nonzero(flat[:, :, 0].max(axis=1) > 128)[0]
+    assert rows.max() - rows.min() <= 4  # the line is horizontal after the rotation
+    assert np.array_equal(prepare_face(img, (20, 20, 80, 80), 0.1, 32), prepare_face(img, (20, 20, 80, 80), 0.1, 32, 0.0))
+    assert crop_face(img, (20, 20, 80, 80), 0.1).shape == (72, 72, 3)
