@@ -111,7 +111,7 @@ def _epoch(net, fq: FakeQuantized, loader, opt, sched, smoothing: float, desc: s
         loss.backward()
         opt.step()
         sched.step()
-        total, n = total + float(loss) * len(x), n + len(x)
+        total, n = total + float(loss.detach()) * len(x), n + len(x)
     fq.observe(False)
     return total / max(n, 1)
 
