@@ -3,8 +3,8 @@
 The scenes of ``bench_detect.py`` (held-out UTKFace faces pasted with rotations of up to +-25
 degrees, blur, low light, JPEG), detected with the runtime's default YuNet settings; every face
 matched to a pasted face (IoU >= 0.4) of at least ``--min-side`` px is classified twice by the
-shipped model: the crop as today, and the same crop rotated so the eyes are level
-(``preprocess.eye_angle`` / ``prepare_face(angle=...)``). Labels come from the UTKFace names.
+shipped model: the crop as today, and the same crop rotated so the eyes are level. Labels come
+from the UTKFace names. (Levelling did not help, so it lives here, not in runtime/preprocess.py.)
 
     python benchmarks/bench_align.py --data ../shared/data/utkface \\
         --yunet ../shared/models/face_detection_yunet_2026may.onnx
@@ -26,7 +26,24 @@ from agegender.runtime.detect import YuNetDetector  # noqa: E402
 from agegender.runtime.labels import age_in_group, age_to_group  # noqa: E402
 from agegender.runtime.metrics import age_gender_metrics  # noqa: E402
 from agegender.runtime.predictor import load_classifier, resolve_model_path  # noqa: E402
-from agegender.runtime.preprocess import eye_angle, prepare_face, to_input  # noqa: E402
+from agegender.runtime.preprocess import prepare_face, resize_square, square_box, to_input  # noqa: E402
+
+
+def eye_angle(landmarks) -> float:
+    """Degrees that level the eyes of YuNet's landmarks (right eye, left eye, ...); 0 without them."""
+    if landmarks is None:
+        return 0.0
+    (xr, yr), (xl, yl) = landmarks[0], landmarks[1]
+    return float(np.degrees(np.arctan2(yl - yr, xl - xr)))
+
+
+def prepare_levelled(image: np.ndarray, box, margin: float, size: int, angle: float) -> np.ndarray:
+    """``prepare_face``'s square crop, taken from the image rotated by ``angle`` about the box centre."""
+    x1, y1, x2, y2 = square_box(box, margin)
+    m = cv2.getRotationMatrix2D(((x1 + x2) / 2.0, (y1 + y2) / 2.0), angle, 1.0)
+    m[:, 2] -= (x1, y1)
+    crop = cv2.warpAffine(image, m, (x2 - x1, x2 - x1), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return resize_square(crop, size)
 
 
 def collect(scenes, det: YuNetDetector, min_side: int):
@@ -71,7 +88,7 @@ def main() -> None:
     faces = [f for _, _, f in rows]
     angles = [eye_angle(d.landmarks) for _, d, _ in rows]
     plain = [prepare_face(img, d.box, margin, size) for img, d, _ in rows]
-    level = [prepare_face(img, d.box, margin, size, angle=a) for (img, d, _), a in zip(rows, angles)]
+    level = [prepare_levelled(img, d.box, margin, size, a) for (img, d, _), a in zip(rows, angles)]
     err = np.abs(np.array(angles) + np.array([f.angle for f in faces]))
     print(f"{len(scenes)} scenes, {len(rows)} detected faces >= {args.min_side} px; eye angle vs pasted rotation: "
           f"median |error| {np.median(err):.1f} deg")

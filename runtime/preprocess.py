@@ -54,31 +54,8 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
-def eye_angle(landmarks: Sequence[Sequence[float]] | None) -> float:
-    """Degrees that level the eyes of YuNet's landmarks (right eye, left eye, ...); 0 without them."""
-    if landmarks is None or len(landmarks) < 2:
-        return 0.0
-    (xr, yr), (xl, yl) = landmarks[0], landmarks[1]
-    return float(np.degrees(np.arctan2(yl - yr, xl - xr))) if (xl, yl) != (xr, yr) else 0.0
-
-
-def crop_face_rotated(image: np.ndarray, box: Sequence[float], margin: float, angle: float) -> np.ndarray:
-    """The square crop of ``crop_face`` taken from the image rotated by ``angle`` degrees about the
-    box centre (counter-clockwise in the picture), edges replicated: the face upright when
-    ``angle = eye_angle(landmarks)``."""
-    x1, y1, x2, y2 = square_box(box, margin)
-    side = x2 - x1
-    m = cv2.getRotationMatrix2D(((x1 + x2) / 2.0, (y1 + y2) / 2.0), angle, 1.0)
-    m[:, 2] -= (x1, y1)
-    return cv2.warpAffine(image, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def prepare_face(image: np.ndarray, box: Sequence[float] | None, margin: float, size: int,
-                 angle: float = 0.0) -> np.ndarray:
-    """RGB uint8 image + face box -> the (size, size, 3) uint8 face the model sees; a non-zero
-    ``angle`` (degrees, see ``eye_angle``) rotates the crop about the box centre first."""
-    if angle and box is not None:
-        return resize_square(crop_face_rotated(image, box, margin, angle), size)
+def prepare_face(image: np.ndarray, box: Sequence[float] | None, margin: float, size: int) -> np.ndarray:
+    """RGB uint8 image + face box -> the (size, size, 3) uint8 face the model sees."""
     return resize_square(crop_face(image, box, margin), size)
 
 

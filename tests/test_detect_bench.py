@@ -1,5 +1,5 @@
 """Issue 14's detector behaviour: a group photo at default settings, --max-faces, a scale-invariant
-det_score, eye-level alignment, and a YuNet that cannot run is an error, never zero faces."""
+det_score, and a YuNet that cannot run is an error, never zero faces."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from agegender.runtime import Predictor
 from agegender.runtime.cli import cli
 from agegender.runtime.datasets import is_holdout, parse_utkface_name
 from agegender.runtime.detect import DetectorError, Passes, YuNetDetector, create_detector
-from agegender.runtime.preprocess import crop_face, eye_angle, prepare_face
 
 SIDES = (150, 60, 120, 75, 95, 135, 85)  # seven faces, 60-150 px
 
@@ -123,15 +122,3 @@ def test_yunet_that_cannot_run_at_a_size_is_an_error(yunet_model, monkeypatch, m
     res = CliRunner().invoke(cli, [str(path), "--model", str(model), "--detector", "yunet",
                                    "--detector-model", str(yunet_model)])
     assert res.exit_code == 2 and "cannot run on a 320x240 input" in res.stderr and "Traceback" not in res.output
-
-
-def test_eye_angle_levels_the_eyes():
-    assert eye_angle([(40, 50), (60, 50)]) == 0.0 and eye_angle(None) == 0.0
-    assert eye_angle([(40, 50), (60, 70)]) == pytest.approx(45.0)
-    img = np.zeros((100, 100, 3), np.uint8)
-    cv2.line(img, (30, 30), (70, 70), (255, 255, 255), 3)  # a 45-degree line, as the eyes of a tilted face
-    flat = prepare_face(img, (20, 20, 80, 80), 0.0, 60, angle=45.0)
-    rows = np.nonzero(flat[:, :, 0].max(axis=1) > 128)[0]
-    assert rows.max() - rows.min() <= 4  # the line is horizontal after the rotation
-    assert np.array_equal(prepare_face(img, (20, 20, 80, 80), 0.1, 32), prepare_face(img, (20, 20, 80, 80), 0.1, 32, 0.0))
-    assert crop_face(img, (20, 20, 80, 80), 0.1).shape == (72, 72, 3)
