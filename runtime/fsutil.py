@@ -169,12 +169,16 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def atomic_open(final: str | os.PathLike, mode: str = "w", suffix: str = "", **open_kw: Any) -> Iterator[IO]:
     """``open(final, mode)`` that is atomic for regular files and writes through special ones."""
     target, through = resolve_output(final)
-    if through:
-        with cleanup_on_signals(), _open_through(target, mode, **open_kw) as fh:
+    try:
+        if through:
+            with cleanup_on_signals(), _open_through(target, mode, **open_kw) as fh:
+                yield fh
+            return
+        with atomic_path(target, suffix) as tmp, open(tmp, mode, **open_kw) as fh:
             yield fh
-        return
-    with atomic_path(target, suffix) as tmp, open(tmp, mode, **open_kw) as fh:
-        yield fh
+    except OSError as e:  # a failed write or close names the output, not the temporary file
+        e.filename = str(final)
+        raise
 
 
 def file_ids(paths: Iterable[str | os.PathLike]) -> set[tuple[int, int]]:

@@ -137,13 +137,14 @@ def native_stderr_silenced() -> Iterator[None]:
                 os.close(_native_saved)
 
 
-def _imdecode(buf: np.ndarray, flags: int, name: str, max_pixels: int) -> np.ndarray | None:
+def _imdecode(buf: np.ndarray, flags: int, name: str) -> np.ndarray | None:
     try:
         with native_stderr_silenced():
             return cv2.imdecode(buf, flags)
     except cv2.error as e:  # OpenCV's header checks (pixels, width, height limits) raise
         if "CV_IO_MAX_IMAGE" in str(e):
-            raise ImageError(f"{name}: image is over the {max_pixels:,}-pixel limit (refused before decoding)") from None
+            raise ImageError(f"{name}: image is over the {MAX_PIXELS:,}-pixel limit "
+                             f"(refused before decoding)") from None
         raise ImageError(f"{name}: not a readable image (corrupt data)") from None
 
 
@@ -152,7 +153,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
     if not data:
         raise ImageError(f"{name}: empty file")
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = _imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH, name, max_pixels)
+    img = _imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH, name)
     if img is None or img.size == 0:
         raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)")
     if img.shape[0] * img.shape[1] > max_pixels:  # a smaller per-call bound than OpenCV's
@@ -160,7 +161,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
     # IMREAD_UNCHANGED skips EXIF rotation: a JPEG with an EXIF block is decoded a second time
     # with an orientation-aware flag (IMREAD_COLOR / IMREAD_GRAYSCALE apply the orientation tag).
     if data[:2] == b"\xff\xd8" and b"Exif" in data[:65536] and img.dtype == np.uint8 and img.ndim in (2, 3):
-        oriented = _imdecode(buf, cv2.IMREAD_COLOR if img.ndim == 3 else cv2.IMREAD_GRAYSCALE, name, max_pixels)
+        oriented = _imdecode(buf, cv2.IMREAD_COLOR if img.ndim == 3 else cv2.IMREAD_GRAYSCALE, name)
         if oriented is not None:
             img = oriented
     try:

@@ -34,11 +34,18 @@ def json_line(obj: dict[str, Any]) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
+def readable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (surrogate escapes) as ``\\xNN``: valid UTF-8."""
+    if not _SURROGATE.search(text):
+        return text
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def csv_rows(r: Result) -> Iterator[list[Any]]:
     """CSV rows of one result: one per face, or one with empty face columns."""
-    head = [r.path, "" if r.frame is None else r.frame, r.width or "", r.height or ""]
+    head = [readable(r.path), "" if r.frame is None else r.frame, r.width or "", r.height or ""]
     if not r.faces:
-        yield head + [""] * 9 + [r.error or ""] + [""] * len(AGE_GROUPS)
+        yield head + [""] * 9 + [readable(r.error or "")] + [""] * len(AGE_GROUPS)
     for i, f in enumerate(r.faces):
         d = f.to_dict()
         probs = [d["age_probs"][g] if d["age_probs"] else "" for g in AGE_GROUPS]
