@@ -50,3 +50,24 @@ def per_class_accuracy(cm: np.ndarray, names: tuple[str, ...]) -> dict[str, floa
     return {n: (float(cm[i, i] / rows[i]) if rows[i] else float("nan")) for i, n in enumerate(names)}
 
 
+
+
+def calibration_error(probs: np.ndarray, true: np.ndarray, bins: int = 10,
+                      mask: np.ndarray | None = None) -> float:
+    """Expected calibration error: top-1 confidence vs accuracy over ``bins`` equal-width bins, weighted
+    by the share of faces in each (labelled faces only; NaN when there are none)."""
+    t = np.asarray(true)
+    keep = t >= 0
+    if mask is not None:
+        keep &= np.asarray(mask, bool)
+    if not keep.any():
+        return float("nan")
+    p = np.asarray(probs)[keep]
+    conf, right = p.max(1), (p.argmax(1) == t[keep])
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.mean() * abs(conf[sel].mean() - right[sel].mean())
+    return float(total)

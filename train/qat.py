@@ -27,6 +27,7 @@ from ..export.fakequant import FakeQuantized, conv_bn_pairs, fold_batchnorm, fre
 from ..export.net import CheckpointError, load_checkpoint, net_from_checkpoint, save_checkpoint
 from ..runtime.datasets import is_holdout, label_arrays, read_dataset
 from ..runtime.metrics import age_gender_metrics
+from .calibrate import calibrate
 from .data import FaceDataset, build_cache, train_transform
 from .engine import _loss, predict, seed_everything
 from .run import split_train_val
@@ -157,8 +158,10 @@ def run_qat(cfg: QatConfig) -> dict[str, Any]:
         pp = fq.act[name].activation_post_process
         pp.min_val, pp.max_val = torch.tensor(lo), torch.tensor(hi)
     final = {"val": metrics(net, s, s.val), "test": metrics(net, s, s.test) if len(s.test) else {}}
+    labels = {"age": np.where(s.scored, s.age, -1), "gender": s.gender}
+    calibration = calibrate(net, s.faces, s.val, labels)  # with the int8 scheme on: what the int8 file computes
     scheme = fq.remove()
-    return _save(cfg, ckpt, net, start, final, history, scheme)
+    return _save(cfg, ckpt, net, start, final, history, {**scheme, "calibration": calibration})
 
 
 def _save(cfg: QatConfig, ckpt, net, start, final, history, scheme) -> dict[str, Any]:
@@ -166,6 +169,7 @@ def _save(cfg: QatConfig, ckpt, net, start, final, history, scheme) -> dict[str,
     out["model"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     out["metrics"] = final
     out["bn_folded"] = True
+    out["calibration"] = scheme.pop("calibration")
     out["qat"] = {**scheme, "from": str(Path(cfg.checkpoint).resolve()), "epochs": cfg.epochs, "lr": cfg.lr,
                   "start_metrics": start, "history": history}
     path = Path(cfg.out)
