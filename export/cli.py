@@ -9,18 +9,32 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import Any
 
 import click
 
+from ..runtime.cliutil import FiniteFloat
+from .onnx_export import ExportConfig
 from .quantize import CALIB_METHODS
 
 log = logging.getLogger("agegender.export")
 HEADS = ("age", "gender")
+# click parameters that steer the command rather than describe the export
+NOT_CONFIG = ("quiet", "verbose")
+
+
+def D(name: str) -> Any:  # noqa: N802 - reads like a constant at each option
+    """ExportConfig's default of one field: the single source of each option's default."""
+    return ExportConfig.__dataclass_fields__[name].default
+
+
+def _agreement_text(pairs: tuple[tuple[str, float], ...]) -> str:
+    return ",".join(f"{head}={need:g}" for head, need in pairs)
 
 
 def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
     """``0.98`` (both heads) or ``age=0.97,gender=0.99`` (fractions of images)."""
-    out = dict((("age", 0.97), ("gender", 0.99)))
+    out = dict(D("min_agreement"))
     text = value.strip()
     try:
         if re.fullmatch(r"[0-9.]+", text):
@@ -34,7 +48,7 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
                 out[head] = float(num)
     except ValueError as e:
         raise click.BadParameter(f"{value!r}: expected e.g. 0.98 or age=0.97,gender=0.99 ({e})") from None
-    if any(not 0.0 <= v <= 1.0 for v in out.values()):
+    if any(not 0.0 <= v <= 1.0 for v in out.values()):  # nan fails this too
         raise click.BadParameter(f"{value!r}: agreements are fractions between 0 and 1")
     return tuple(out.items())
 
@@ -43,7 +57,7 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: NAME_fp32.onnx, NAME_int8.onnx, parity.json.")
-@click.option("--name", default="agegender", show_default=True, help="File stem of the models.")
+@click.option("--name", default=D("name"), show_default=True, help="File stem of the models.")
 @click.option("--quantize", is_flag=True, help="Also write an int8 model (static QDQ PTQ) behind the int8 gate.")
 @click.option("--calib-data", type=click.Path(exists=True),
               help="Calibration images: Adience/UTKFace dir, CSV, or a folder of face images "
@@ -51,53 +65,44 @@ def _parse_agreement(ctx, param, value: str) -> tuple[tuple[str, float], ...]:
 @click.option("--data", "data_root", type=click.Path(exists=True),
               help="Where the checkpoint's own dataset is now, if it moved (its format, folds and holdout "
                    "still come from the checkpoint).")
-@click.option("--calib-size", type=click.IntRange(8), default=300, show_default=True,
+@click.option("--calib-size", type=click.IntRange(8), default=D("calib_size"), show_default=True,
               help="Calibration images for int8.")
-@click.option("--eval-size", type=click.IntRange(1), default=2000, show_default=True,
+@click.option("--eval-size", type=click.IntRange(1), default=D("eval_size"), show_default=True,
               help="Held-out test-fold images the int8 gate is evaluated on (at most).")
-@click.option("--parity-size", type=click.IntRange(64), default=128, show_default=True,
+@click.option("--parity-size", type=click.IntRange(64), default=D("parity_size"), show_default=True,
               help="Images for the fp32 parity gate.")
-@click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
-@click.option("--max-drop", type=click.FloatRange(0), default=0.5, show_default=True,
+@click.option("--opset", type=click.IntRange(13, 21), default=D("opset"), show_default=True, help="ONNX opset.")
+@click.option("--max-drop", type=FiniteFloat(0), default=D("max_drop"), show_default=True,
               help="int8 gate: largest accuracy drop, in percentage points, on every metric.")
-@click.option("--min-agreement", default="age=0.97,gender=0.99", show_default=True, callback=_parse_agreement,
-              help="int8 gate: top-1 agreement with fp32, per head (or one number for both).")
-@click.option("--agreement-margin", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--min-agreement", default=_agreement_text(D("min_agreement")), show_default=True,
+              callback=_parse_agreement, help="int8 gate: top-1 agreement with fp32, per head (or one number for both).")
+@click.option("--agreement-margin", type=FiniteFloat(0, 1), default=D("agreement_margin"), show_default=True,
               help="int8 gate: count agreement only on faces whose fp32 top-1 probability leads the second "
                    "by at least this much (0 = every face). Near-ties flip under any quantization noise "
                    "without changing accuracy.")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="auto", show_default=True,
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=D("calib_method"), show_default=True,
               help="Calibration; auto tries minmax, then percentile, and keeps the better.")
 @click.option("--reduce-range", is_flag=True, help="7-bit weights (x86 CPUs without VNNI).")
-@click.option("--islands/--no-islands", default=True, show_default=True,
+@click.option("--islands/--no-islands", default=D("islands"), show_default=True,
               help="When plain int8 fails the gate, retry with growing float islands.")
-@click.option("--latency-runs", type=click.IntRange(1), default=50, show_default=True,
+@click.option("--emulated-size", type=click.IntRange(1), default=D("emulated_size"), show_default=True,
+              help="int8 gate: faces judged on the emulated AVX2-only CPU (emulation is ~60x slower).")
+@click.option("--latency-runs", type=click.IntRange(1), default=D("latency_runs"), show_default=True,
               help="Runs for the 1-thread latency median.")
-@click.option("--crop-margin", type=click.FloatRange(-0.3, 2.0), default=None,
+@click.option("--crop-margin", type=FiniteFloat(-0.3, 2.0), default=D("crop_margin"),
               help="Override the checkpoint's crop margin (the runtime's box expansion), e.g. one measured "
                    "with benchmarks/measure_crop_margin.py after training.")
 @click.option("--force", is_flag=True,
               help="Overwrite existing models; write the int8 model even when its gate fails (recorded).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the traceback of unexpected errors).")
-def main(checkpoint, out, name, quantize, calib_data, data_root, calib_size, eval_size, parity_size, opset, max_drop,
-         min_agreement, agreement_margin, calib_method, reduce_range, islands, latency_runs, crop_margin, force,
-         quiet, verbose) -> None:
+def main(**opts: Any) -> None:
     """Export an agegender CHECKPOINT to ONNX, checked against torch (and int8 against fp32)."""
-    _setup_logging(verbose, quiet)
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
-    from .onnx_export import ExportConfig
-
-    cfg = ExportConfig(checkpoint=checkpoint, out=out, name=name, quantize=quantize, calib_data=calib_data,
-                       data_root=data_root,
-                       calib_size=calib_size, eval_size=eval_size, parity_size=parity_size, opset=opset,
-                       max_drop=max_drop, min_agreement=min_agreement, agreement_margin=agreement_margin,
-                       calib_method=calib_method,
-                       reduce_range=reduce_range, islands=islands, latency_runs=latency_runs, crop_margin=crop_margin,
-                       force=force,
-                       progress=not quiet)
-    sys.exit(run(cfg, verbose))
+    _setup_logging(opts["verbose"], opts["quiet"])
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", opts["name"]):
+        raise click.BadParameter(f"{opts['name']!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
+    cfg = ExportConfig(**{k: v for k, v in opts.items() if k not in NOT_CONFIG}, progress=not opts["quiet"])
+    sys.exit(run(cfg))
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -111,12 +116,12 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
-def run(cfg, verbose: bool = False) -> int:
+def run(cfg: ExportConfig) -> int:
     """Run the export, print the results on stdout; errors are one line on stderr. Returns the exit code."""
+    from ..runtime.datasets import DataFormatError
     from .net import CheckpointError
     from .onnx_export import ExportError, run_export
     from .quantize import QuantizeError
-    from ..runtime.datasets import DataFormatError
 
     try:
         rep = run_export(cfg)

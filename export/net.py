@@ -227,9 +227,40 @@ def make_checkpoint(net: AgeGenderNet, *, crop_margin: float, config: dict[str, 
     }
 
 
-def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (temp file + rename)."""
-    from ..runtime.fsutil import atomic_path
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the previous file of that name is kept)."""
 
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(ckpt, tmp)
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (temp file + rename): a failed write keeps the previous file and
+    says why in one line naming ``path`` (a full disk as such)."""
+    import shutil
+
+    from ..runtime.fsutil import atomic_path, write_error_line
+
+    try:
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save(ckpt, tmp)
+    except OSError as e:
+        raise CheckpointWriteError(write_error_line(e, path)) from e
+    except RuntimeError as e:  # torch's zip writer drops errno: "[enforce fail ...] unexpected pos"
+        need = _tensor_bytes(ckpt)
+        try:
+            free = shutil.disk_usage(Path(path).resolve().parent).free
+        except OSError:
+            free = None
+        if free is not None and free < need:
+            raise CheckpointWriteError(f"{path}: disk full (no space left on device: the checkpoint needs "
+                                       f"about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({first})") from e

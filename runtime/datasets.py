@@ -135,7 +135,7 @@ def parse_utkface_name(name: str) -> tuple[int, int] | None:
     return age, gender
 
 
-def read_utkface(root: str | os.PathLike, folds: int = 5) -> tuple[list[Record], DataReport]:
+def read_utkface(root: str | os.PathLike, folds: int = ADIENCE_FOLDS) -> tuple[list[Record], DataReport]:
     root = Path(root)
     report = DataReport("utkface", str(root))
     records: list[Record] = []
@@ -157,7 +157,7 @@ def read_utkface(root: str | os.PathLike, folds: int = 5) -> tuple[list[Record],
 
 
 # --------------------------------------------------------------------------- CSV
-def read_csv(path: str | os.PathLike, folds: int = 5) -> tuple[list[Record], DataReport]:
+def read_csv(path: str | os.PathLike, folds: int = ADIENCE_FOLDS) -> tuple[list[Record], DataReport]:
     """``path,age,gender[,fold][,subject]``; paths relative to the CSV's folder; age an integer or a group."""
     path = Path(path)
     report = DataReport("csv", str(path))
@@ -172,6 +172,9 @@ def read_csv(path: str | os.PathLike, folds: int = 5) -> tuple[list[Record], Dat
         if not {"path", "age", "gender"} <= set(cols):
             raise DataFormatError(f"{path}:1: CSV header must contain path,age,gender (optional fold,subject); got {cols}")
         for lineno, row in enumerate(reader, start=2):
+            if None in row:  # DictReader's key for fields beyond the header's
+                raise DataFormatError(f"{path}:{lineno}: {len(cols) + len(row[None])} fields, the header has "
+                                      f"{len(cols)} (quote a path or label that holds a comma)")
             row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
             if not row.get("path"):
                 raise DataFormatError(f"{path}:{lineno}: empty path")

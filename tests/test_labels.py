@@ -1,4 +1,6 @@
-"""The label mapping rule of DESIGN.md, on every raw label of the real Adience fold files."""
+"""The label mapping rule (runtime/labels.py: a bare number n is the range (n, n), a tuple is sorted,
+the group of largest overlap wins, then the nearest, ties to the older group) on every raw label of
+the real Adience fold files."""
 
 from __future__ import annotations
 

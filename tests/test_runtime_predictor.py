@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from contract_model import build_contract_model, isolate_runtime_env, reference_probs
 
-from agegender.runtime import AGE_GROUPS, GENDERS, Face, Predictor
+from agegender.runtime import AGE_GROUPS, GENDERS, Predictor
 from agegender.runtime import predictor as predictor_mod
 from agegender.runtime.detect import Detection
 from agegender.runtime.model import ModelError
@@ -176,12 +176,6 @@ def test_not_an_onnx_file_is_refused(tmp_path):
         Predictor(path, detector="none")
     with pytest.raises(ModelError, match="no such model file"):
         Predictor(tmp_path / "absent.onnx", detector="none")
-
-
-def test_face_is_frozen():
-    f = Face((0, 0, 1, 1), 1.0, "0-2", {"0-2": 1.0}, "male", 0.9)
-    with pytest.raises(AttributeError):
-        f.age = "4-6"  # type: ignore[misc]
 
 
 def test_threads_reach_the_onnxruntime_session(model):

@@ -19,6 +19,7 @@ from agegender.runtime.imageio import read_image
 from agegender.runtime.preprocess import prepare_precropped, to_input
 from agegender.runtime.datasets import label_arrays
 from agegender.train.data import FaceDataset, build_cache
+from agegender.train.run import fold_split
 from fakedata import make_adience, make_csv
 
 TRAIN = [sys.executable, "-c", "from agegender._entry import train_adience; train_adience()"]
@@ -57,16 +58,44 @@ def test_five_folds_write_logs_checkpoints_and_summary(full_run, adience):
         assert ckpt["labels"]["age_groups"][0] == "0-2" and "torch" in ckpt["versions"]
         assert ckpt["data"]["fold"] == k and Path(ckpt["data"]["root"]) == adience.resolve()
         assert (d / "last.pt").is_file() and (d / "confusion_age.png").is_file()
-        # the test fold is subject-exclusive from what the model trained on
-        test_subjects = {r.subject for r in records if r.fold == k}
-        assert str(k) in {s[-1] for s in test_subjects}
     s = json.loads((full_run / "summary.json").read_text())
+    # the run tested each fold on the split fold_split gives (checked for exclusivity below)
+    ok = np.ones(len(records), bool)
+    assert [f["n_test"] for f in s["folds"]] == [len(fold_split(records, ok, k, 0.1, 42)[2]) for k in range(5)]
     assert [f["fold"] for f in s["folds"]] == [0, 1, 2, 3, 4]
     assert set(s["mean"]) == {"age_exact", "age_1off", "gender_acc"} == set(s["std"])
     assert all(f["n_test"] == 12 for f in s["folds"])
     assert (full_run / "summary.csv").is_file() and (full_run / "curves.png").is_file()
     cfg = json.loads((full_run / "config.json").read_text())
     assert cfg["folds"] == [0, 1, 2, 3, 4] and cfg["arch"] == "mobilenetv3_small_050"
+
+
+def _assert_subject_exclusive(records, ok, k: int) -> tuple[set, set, set]:
+    tr, va, te = fold_split(records, ok, k, 0.1, 42)
+    subjects = [{records[i].subject for i in part} for part in (tr, va, te)]
+    assert all(len(part) for part in (tr, va, te))
+    assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2]), k
+    assert {records[i].fold for i in te} == {k} and ok[np.concatenate([tr, va, te])].all()
+    return tuple(subjects)
+
+
+def test_fold_splits_never_share_a_subject(adience, tmp_path):
+    """No subject in two of train/validation/test, from the records' subject field: Adience's folds, and
+    a CSV whose fold column puts one subject in two folds (its other-fold images leave training)."""
+    records, _ = read_dataset(adience)
+    ok = np.ones(len(records), bool)
+    ok[3] = False  # an unreadable image is in no split
+    for k in range(5):
+        _assert_subject_exclusive(records, ok, k)
+    csv_path = make_csv(tmp_path / "c", n=40)
+    rows = csv_path.read_text().splitlines()
+    rows = ["path,age,gender,fold,subject"] + [f"{r},{'s0' if i < 4 else f'u{i}'}" for i, r in enumerate(rows[1:])]
+    csv_path.write_text("\n".join(rows) + "\n")  # s0 = rows 0-3, in folds 0, 1, 2, 3
+    records, _ = read_dataset(csv_path)
+    ok = np.ones(len(records), bool)
+    for k in range(5):
+        train_s, val_s, test_s = _assert_subject_exclusive(records, ok, k)
+        assert ("s0" in test_s) == (k < 4) and len(train_s | val_s | test_s) == 37
 
 
 def test_checkpoint_rebuilds_the_model_from_the_file_alone(full_run):

@@ -1,9 +1,22 @@
-"""The training configuration: one frozen dataclass mirroring the CLI options."""
+"""The training configuration: one frozen dataclass, the single source of the CLI's defaults.
+
+The model's own defaults (arch, input size, dropout) come from ``ModelArgs``, which every
+checkpoint stores; ``train-adience``'s options read their defaults from here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
+
+from ..export.net import ModelArgs
+from ..runtime.datasets import ADIENCE_FOLDS
+
+_MODEL = ModelArgs()
+# Every format has Adience's five folds: the export gate re-derives the test fold from the data
+# with the readers' fold count, so a run may not choose another one.
+NFOLDS = ADIENCE_FOLDS
 
 
 @dataclass(frozen=True)
@@ -11,14 +24,13 @@ class TrainConfig:
     data: str
     out: str
     format: str = "auto"
-    arch: str = "mobilenetv3_large_100"
-    task: str = "both"
-    img_size: int = 224
+    arch: str = _MODEL.arch
+    task: str = _MODEL.task
+    img_size: int = _MODEL.img_size
     pretrained: bool = True
     init_weights: str | None = None
     freeze_backbone: bool = False
-    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    nfolds: int = 5
+    folds: tuple[int, ...] = tuple(range(NFOLDS))
     holdout: float = 0.0
     val_frac: float = 0.1
     epochs: int = 20
@@ -27,7 +39,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
-    drop_rate: float = 0.2
+    drop_rate: float = _MODEL.drop_rate
     augment: str = "default"
     workers: int = 0
     device: str = "auto"
@@ -39,6 +51,23 @@ class TrainConfig:
     distill_alpha: float = 0.5
     distill_temp: float = 2.0
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of one field (what the CLI option shows and uses)."""
+        f = cls.__dataclass_fields__[name]
+        if f.default is MISSING:
+            raise KeyError(f"TrainConfig.{name} has no plain default")
+        return f.default
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @property
+    def cache_path(self) -> Path:
+        """Where decoded faces are cached: --cache-dir, else OUT/cache."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

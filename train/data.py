@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,18 +28,50 @@ from ..runtime.imageio import ImageError
 log = logging.getLogger(__name__)
 
 
+CACHE_VERSION = 2  # part of every key: a change of what is cached never reads an old file
+
+
+def cache_key(records: list[Record], size: int) -> str:
+    """A key of the decoded faces' content: each file's path, size and mtime (a missing file counts
+    too, so adding it later or changing an image is a new key), the face size and the cache version."""
+    h = hashlib.sha1(f"{CACHE_VERSION}\n{size}\n".encode())
+    for r in records:
+        try:
+            st = os.stat(r.path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "absent"
+        h.update(f"{r.path}\0{stamp}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def _read_cache(path: Path, n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (faces, ok), or None when the file is unreadable or not what was asked for."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            faces, ok = z["faces"], z["ok"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        log.warning("face cache %s is unreadable (%s): decoding the images again", path, str(e).splitlines()[0])
+        return None
+    if faces.shape != (n, size, size, 3) or faces.dtype != np.uint8 or ok.shape != (n,) or ok.dtype != bool:
+        log.warning("face cache %s does not hold %d faces of %d px: decoding the images again", path, n, size)
+        return None
+    log.info("face cache %s: %d faces", path, n)
+    return faces, ok
+
+
 def build_cache(records: list[Record], size: int, cache_dir: str | Path | None = None,
                 threads: int = 2, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(faces uint8 [N, S, S, 3], ok bool [N]); unreadable images are marked not ok and counted.
 
-    With ``cache_dir`` the array is kept on disk (keyed by the file list and size) and reused.
+    With ``cache_dir`` the array is kept on disk, keyed by the files' content (``cache_key``), and
+    reused; an unreadable cache file is decoded again and replaced.
     """
-    key = hashlib.sha1((f"{size}\n" + "\n".join(r.path for r in records)).encode()).hexdigest()[:16]
-    cache_file = Path(cache_dir) / f"faces_{size}_{key}.npz" if cache_dir else None
+    cache_file = Path(cache_dir) / f"faces_{size}_{cache_key(records, size)}.npz" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
-        with np.load(cache_file) as z:
-            log.info("face cache %s: %d faces", cache_file, len(z["ok"]))
-            return z["faces"], z["ok"]
+        cached = _read_cache(cache_file, len(records), size)
+        if cached is not None:
+            return cached
     faces = np.zeros((len(records), size, size, 3), np.uint8)
     ok = np.zeros(len(records), bool)
     errors: dict[str, int] = {}
@@ -57,8 +91,12 @@ def build_cache(records: list[Record], size: int, cache_dir: str | Path | None =
     if errors:
         log.warning("skipped images: %s", ", ".join(f"{n} {k}" for k, n in sorted(errors.items())))
     if cache_file is not None:
-        with atomic_path(cache_file, suffix=".npz") as tmp:
-            np.savez(tmp, faces=faces, ok=ok)
+        try:
+            with atomic_path(cache_file, suffix=".npz") as tmp:
+                np.savez(tmp, faces=faces, ok=ok)
+        except OSError as e:  # a cache is an optimisation: training goes on without it
+            log.warning("could not write the face cache %s (%s): continuing without it", cache_file,
+                        e.strerror or e)
     return faces, ok
 
 

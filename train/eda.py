@@ -1,4 +1,5 @@
-"""Exploratory data analysis on labels alone (the seed's Step 1): counts, label.json, plots."""
+"""Exploratory data analysis on labels alone, before any image is decoded (``--eda-only``): counts
+per age group, gender and fold, subjects shared between folds, label.json, plots."""
 
 from __future__ import annotations
 

@@ -1,15 +1,21 @@
-"""One fold: fresh model, optimizer, scheduler and seed; best epoch on validation, then the test fold."""
+"""One fold: fresh model, optimizer, scheduler and seed; best epoch on validation, then the test fold.
+
+``train_fold`` reads as the steps of a fold, one function each: set up (device, model, FLOPs,
+loader, DDP, optimizer), resume, train one epoch, save checkpoints, test. Evaluation is the export
+gate's own: ``parity.predict_torch`` on the runtime's input and ``parity.metrics_of``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,14 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..export.net import (AgeGenderNet, ModelArgs, create_net, load_checkpoint, make_checkpoint,
-                                  net_from_checkpoint, save_checkpoint)
+                          net_from_checkpoint, save_checkpoint)
+from ..runtime.datasets import Record, label_arrays
 from ..runtime.fsutil import write_json, write_text
 from ..runtime.labels import AGE_GROUPS, GENDERS
-from ..runtime.metrics import age_gender_metrics, confusion
+from ..runtime.metrics import confusion
 from .config import TrainConfig
 from .data import FaceDataset, train_transform
+from .evaluate import evaluate, predict, score_of  # noqa: F401 - predict: qat.py imports it from here
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +53,52 @@ class DistInfo:
 
 @dataclass
 class FoldData:
+    """The cached faces, their records and one fold's index split (labels derived from the records)."""
+
     fold: int | None
     faces: np.ndarray
-    age: np.ndarray
-    gender: np.ndarray
-    scored: np.ndarray
+    records: list[Record]
     train_idx: np.ndarray
     val_idx: np.ndarray
     test_idx: np.ndarray
     data_info: dict[str, Any]
     train_data: str
+    age: np.ndarray = field(init=False)
+    gender: np.ndarray = field(init=False)
+    scored: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.age, self.gender, self.scored = label_arrays(self.records)
+
+
+@dataclass
+class FoldRun:
+    """What the steps of one fold share: the network (and its DDP wrapper), optimiser, data."""
+
+    cfg: TrainConfig
+    fd: FoldData
+    di: DistInfo
+    fold_dir: Path
+    seed: int
+    device: torch.device
+    net: AgeGenderNet
+    model: torch.nn.Module  # net, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: Any
+    loader: DataLoader
+    sampler: DistributedSampler | None
+    teacher: AgeGenderNet | None
+    params: int
+    gflops: float
+
+    @property
+    def use_amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    def checkpoint(self, epoch: int, val_m: dict) -> dict[str, Any]:
+        return make_checkpoint(self.net, crop_margin=self.cfg.crop_margin, config=self.cfg.to_dict(),
+                               data=self.fd.data_info, train_data=self.fd.train_data, fold=self.fd.fold,
+                               epoch=epoch, metrics={"val": val_m})
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +113,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
     return torch.device(name)
+
+
+def fold_device(cfg: TrainConfig, di: DistInfo) -> torch.device:
+    """--device, or under torchrun with auto each rank's own GPU."""
+    if di.world == 1 or cfg.device != "auto":
+        return resolve_device(cfg.device)
+    return torch.device(f"cuda:{di.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def count_flops(net: AgeGenderNet, size: int) -> tuple[int, float]:
@@ -110,185 +161,221 @@ def load_teacher(path: str, device: torch.device) -> AgeGenderNet:
     return teacher.eval()
 
 
-@torch.no_grad()
-def predict(net: torch.nn.Module, faces: np.ndarray, idx: np.ndarray, device: torch.device,
-            batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Softmax probabilities of the eval faces (the runtime's own input, untouched)."""
-    net.eval()
-    outs: dict[str, list[np.ndarray]] = {}
-    for s in range(0, len(idx), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(faces[idx[s:s + batch_size]].transpose(0, 3, 1, 2))).float()
-        for k, v in net(x.to(device)).items():
-            outs.setdefault(k, []).append(torch.softmax(v.float(), 1).cpu().numpy())
-    return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-def evaluate(net: torch.nn.Module, fd: FoldData, idx: np.ndarray, device: torch.device) -> tuple[dict, dict]:
-    probs = predict(net, fd.faces, idx, device)
-    ap = probs["age"].argmax(1) if "age" in probs else None
-    gp = probs["gender"].argmax(1) if "gender" in probs else None
-    m = age_gender_metrics(fd.age[idx] if ap is not None else None, ap,
-                           fd.gender[idx] if gp is not None else None, gp, fd.scored[idx])
-    return m, {"age_pred": ap, "gender_pred": gp}
-
-
-def _score(m: dict) -> float:
-    vals = [m[k] for k in ("age_exact", "gender_acc") if k in m and not math.isnan(m[k])]
-    return float(np.mean(vals)) if vals else 0.0
-
-
 def _make_optim(cfg: TrainConfig, net: torch.nn.Module, steps: int):
     params = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps = max(steps, 1)
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.25)
+        # OneCycleLR divides by (pct_start * total_steps - 1): a warm-up of exactly one step (4 steps
+        # in all) divides by zero, so such a short run warms up over two
+        pct = 0.25 if steps != 4 else 0.5
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=pct)
     elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r} (onecycle, cosine)")
     return opt, sched
 
 
-def train_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: Path, di: DistInfo,
-               resume: bool, progress: bool = True) -> dict[str, Any]:
-    """Train one fold from scratch (or from its last.pt), return its test metrics."""
-    device = resolve_device(cfg.device) if di.world == 1 or cfg.device != "auto" else (
-        torch.device(f"cuda:{di.local_rank}") if torch.cuda.is_available() else torch.device("cpu"))
-    fold_seed = cfg.seed + (fd.fold or 0) * 1000
-    seed_everything(fold_seed)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    for name, idx in (("train", fd.train_idx), ("validation", fd.val_idx), ("test", fd.test_idx)):
-        if len(idx) == 0:
-            raise ValueError(f"fold {fd.fold}: the {name} split is empty (too few images or subjects)")
-
+def _build_net(cfg: TrainConfig, model_args: ModelArgs, device: torch.device) -> tuple[AgeGenderNet, int, float]:
+    """The fresh network on ``device`` with its size (parameters, GFLOPs counted on the CPU)."""
     net = create_net(model_args, pretrained=cfg.pretrained, init_weights=cfg.init_weights)
     if cfg.freeze_backbone:
         for p in net.backbone.parameters():
             p.requires_grad_(False)
+    params, gflops = count_flops(net, model_args.img_size)
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    params, gflops = count_flops(net.cpu(), model_args.img_size)
-    net.to(device)
+    return net, params, gflops
 
-    ds = FaceDataset(fd.faces, fd.train_idx, fd.age, fd.gender, train_transform(model_args.img_size, cfg.augment))
-    sampler = DistributedSampler(ds, num_replicas=di.world, rank=di.rank, seed=fold_seed, drop_last=True) \
+
+def _make_loader(cfg: TrainConfig, fd: FoldData, size: int, di: DistInfo, seed: int
+                 ) -> tuple[DataLoader, DistributedSampler | None]:
+    ds = FaceDataset(fd.faces, fd.train_idx, fd.age, fd.gender, train_transform(size, cfg.augment))
+    sampler = DistributedSampler(ds, num_replicas=di.world, rank=di.rank, seed=seed, drop_last=True) \
         if di.world > 1 else None
-    g = torch.Generator().manual_seed(fold_seed)
     per_rank_batch = max(1, cfg.batch_size // di.world)
+    if len(ds) <= per_rank_batch:
+        log.warning("fold %s: --batch-size %d is not smaller than the %d training images: one batch per epoch",
+                    fd.fold, cfg.batch_size, len(ds))
     loader = DataLoader(ds, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
-                        drop_last=len(ds) > per_rank_batch, num_workers=cfg.workers, generator=g,
-                        persistent_workers=cfg.workers > 0)
-    steps = cfg.epochs * max(1, len(loader))
-    opt, sched = _make_optim(cfg, net, steps)
-    model = net
+                        drop_last=len(ds) > per_rank_batch, num_workers=cfg.workers,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=cfg.workers > 0)
+    return loader, sampler
+
+
+def setup_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: Path, di: DistInfo) -> FoldRun:
+    """Seed, device, fresh network, loader, optimiser and scheduler, DDP wrapper, teacher."""
+    for name, idx in (("train", fd.train_idx), ("validation", fd.val_idx), ("test", fd.test_idx)):
+        if len(idx) == 0:
+            raise ValueError(f"fold {fd.fold}: the {name} split is empty (too few images or subjects)")
+    seed = cfg.seed + (fd.fold or 0) * 1000
+    seed_everything(seed)
+    device = fold_device(cfg, di)
+    net, params, gflops = _build_net(cfg, model_args, device)
+    loader, sampler = _make_loader(cfg, fd, model_args.img_size, di, seed)
+    opt, sched = _make_optim(cfg, net, cfg.epochs * max(1, len(loader)))
+    model: torch.nn.Module = net
     if di.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = device.type == "cuda"
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
     teacher = load_teacher(cfg.teacher, device) if cfg.teacher else None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    return FoldRun(cfg, fd, di, fold_dir, seed, device, net, model, opt, sched, loader, sampler, teacher,
+                   params, gflops)
 
-    start_epoch, best_score, history = 1, -1.0, []
-    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-        log.info("fold %s: resuming at epoch %d", fd.fold, start_epoch)
 
-    ckpt_common = dict(config=cfg.to_dict(), data=fd.data_info, train_data=fd.train_data, fold=fd.fold)
-    header = (f"fold {fd.fold}: {model_args.arch} {model_args.img_size}px task={model_args.task} "
-              f"params={params / 1e6:.2f}M GFLOPs={gflops:.3f} train={len(fd.train_idx)} val={len(fd.val_idx)} "
-              f"test={len(fd.test_idx)} seed={fold_seed}")
-    if di.main:
-        if start_epoch == 1:  # a resumed fold keeps its log
-            write_text(fold_dir / "train_log.txt", header + "\n")
-        log.info(header)
+def restore(run: FoldRun, path: Path) -> tuple[int, float, list[dict]]:
+    """Continue from ``last.pt``: weights, optimiser, scheduler, RNG; (next epoch, best score, history)."""
+    state = load_checkpoint(path)
+    run.net.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    log.info("fold %s: resuming at epoch %d", run.fd.fold, state["epoch"] + 1)
+    return state["epoch"] + 1, state["best_score"], state["history"]
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        t0, seen, loss_sum, data_time, tic = time.time(), 0, 0.0, 0.0, time.time()
-        bar = tqdm(loader, desc=f"fold {fd.fold} epoch {epoch}/{cfg.epochs}", disable=not (progress and di.main),
-                   leave=False, mininterval=2)
-        for x, age, gender in bar:
-            data_time += time.time() - tic
-            x, age, gender = x.to(device, non_blocking=True), age.to(device), gender.to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(x)
-                loss = _loss(out, age, gender, cfg.label_smoothing)
-                if teacher is not None:
-                    with torch.no_grad():
-                        ts = teacher.args.img_size
-                        t_out = teacher(x if ts == x.shape[-1] else
-                                        F.interpolate(x, size=(ts, ts), mode="bilinear", align_corners=False))
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * _distill_loss(out, t_out, cfg.distill_temp)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            seen += len(x)
-            loss_sum += float(loss.detach()) * len(x)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-            tic = time.time()
-        train_time = time.time() - t0
-        val_m, _ = evaluate(net, fd, fd.val_idx, device)
-        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": sched.get_last_lr()[0],
-               **{f"val_{k}": v for k, v in val_m.items()}, "img_per_s": seen * di.world / max(train_time, 1e-9),
-               "data_time_s": data_time, "epoch_time_s": time.time() - t0}
-        history.append(row)
-        score = _score(val_m)
-        improved = score > best_score
-        if improved:
-            best_score = score
-        if di.main:
-            line = (f"epoch {epoch:3d}/{cfg.epochs} loss {row['train_loss']:.4f} lr {row['lr']:.2e} "
-                    + " ".join(f"val_{k} {v:.4f}" for k, v in val_m.items() if not k.startswith("n_"))
-                    + f" | {row['img_per_s']:.0f} img/s, data {data_time:.1f}s, epoch {row['epoch_time_s']:.1f}s"
-                    + (" *best*" if improved else ""))
-            log.info(line)
-            with open(fold_dir / "train_log.txt", "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-            _write_metrics_csv(fold_dir / "metrics.csv", history)
-            if improved:
-                save_checkpoint(best_path, make_checkpoint(net, crop_margin=cfg.crop_margin, epoch=epoch,
-                                                           metrics={"val": val_m}, **ckpt_common))
-            last = make_checkpoint(net, crop_margin=cfg.crop_margin, epoch=epoch, metrics={"val": val_m},
-                                   **ckpt_common)
-            last.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), best_score=best_score,
-                        history=history, rng={"torch": torch.get_rng_state()})
-            save_checkpoint(last_path, last)
-        if di.world > 1:
-            dist.barrier()
 
-    best = load_checkpoint(best_path)
-    net.load_state_dict(best["model"])
-    test_m, preds = evaluate(net, fd, fd.test_idx, device)
-    result = {"fold": fd.fold, **{k: v for k, v in test_m.items()}, "n_test": int(len(fd.test_idx)),
-              "best_epoch": best["epoch"], "params": params, "gflops": gflops}
-    if di.main:
+def _forward_loss(run: FoldRun, x: torch.Tensor, age: torch.Tensor, gender: torch.Tensor) -> torch.Tensor:
+    cfg = run.cfg
+    with torch.autocast(run.device.type, enabled=run.use_amp):
+        out = run.model(x)
+        loss = _loss(out, age, gender, cfg.label_smoothing)
+        if run.teacher is not None:
+            with torch.no_grad():
+                ts = run.teacher.args.img_size
+                t_out = run.teacher(x if ts == x.shape[-1] else
+                                    F.interpolate(x, size=(ts, ts), mode="bilinear", align_corners=False))
+            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * _distill_loss(out, t_out, cfg.distill_temp)
+    return loss
+
+
+def train_epoch(run: FoldRun, epoch: int, scaler: torch.amp.GradScaler, progress: bool) -> dict[str, float]:
+    """One pass over the training split: the epoch's loss, last learning rate, speed and data wait."""
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    run.model.train()
+    t0, seen, loss_sum, data_time, tic = time.time(), 0, 0.0, 0.0, time.time()
+    bar = tqdm(run.loader, desc=f"fold {run.fd.fold} epoch {epoch}/{run.cfg.epochs}",
+               disable=not (progress and run.di.main), leave=False, mininterval=2)
+    for x, age, gender in bar:
+        data_time += time.time() - tic
+        x, age, gender = x.to(run.device, non_blocking=True), age.to(run.device), gender.to(run.device)
+        if run.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = _forward_loss(run, x, age, gender)
+        run.opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(run.opt)
+        scaler.update()
+        run.sched.step()
+        seen += len(x)
+        loss_sum += float(loss.detach()) * len(x)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+        tic = time.time()
+    train_time = time.time() - t0
+    return {"train_loss": loss_sum / max(seen, 1), "lr": run.sched.get_last_lr()[0],
+            "img_per_s": seen * run.di.world / max(train_time, 1e-9), "data_time_s": data_time}
+
+
+def save_epoch(run: FoldRun, epoch: int, val_m: dict, best_score: float, history: list[dict], improved: bool) -> None:
+    """metrics.csv, best.pt when the epoch improved, and last.pt with all a resume needs."""
+    _write_metrics_csv(run.fold_dir / "metrics.csv", history)
+    if improved:
+        save_checkpoint(run.fold_dir / "best.pt", run.checkpoint(epoch, val_m))
+    last = run.checkpoint(epoch, val_m)
+    last.update(optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), best_score=best_score,
+                history=history, rng={"torch": torch.get_rng_state()})
+    save_checkpoint(run.fold_dir / "last.pt", last)
+
+
+def _epoch_line(cfg: TrainConfig, row: dict, val_m: dict, improved: bool) -> str:
+    return (f"epoch {row['epoch']:3d}/{cfg.epochs} loss {row['train_loss']:.4f} lr {row['lr']:.2e} "
+            + " ".join(f"val_{k} {v:.4f}" for k, v in val_m.items() if not k.startswith("n_"))
+            + f" | {row['img_per_s']:.0f} img/s, data {row['data_time_s']:.1f}s, epoch {row['epoch_time_s']:.1f}s"
+            + (" *best*" if improved else ""))
+
+
+def test_fold(run: FoldRun) -> dict[str, Any]:
+    """The best epoch on the test fold: result.json, the test metrics in best.pt, confusion matrices."""
+    fd = run.fd
+    best = load_checkpoint(run.fold_dir / "best.pt")
+    run.net.load_state_dict(best["model"])
+    test_m, probs = evaluate(run.net, fd.faces, fd.records, fd.test_idx, run.device)
+    result = {"fold": fd.fold, **test_m, "n_test": int(len(fd.test_idx)), "best_epoch": best["epoch"],
+              "params": run.params, "gflops": run.gflops}
+    if run.di.main:
         best["metrics"] = {"val": best["metrics"]["val"], "test": test_m}
-        save_checkpoint(best_path, best)
+        save_checkpoint(run.fold_dir / "best.pt", best)
         cms = {}
-        if preds["age_pred"] is not None:
-            cms["age"] = confusion(fd.age[fd.test_idx], preds["age_pred"], len(AGE_GROUPS), fd.scored[fd.test_idx]).tolist()
-        if preds["gender_pred"] is not None:
-            cms["gender"] = confusion(fd.gender[fd.test_idx], preds["gender_pred"], len(GENDERS)).tolist()
+        if "age" in probs:
+            cms["age"] = confusion(fd.age[fd.test_idx], probs["age"].argmax(1), len(AGE_GROUPS),
+                                   fd.scored[fd.test_idx]).tolist()
+        if "gender" in probs:
+            cms["gender"] = confusion(fd.gender[fd.test_idx], probs["gender"].argmax(1), len(GENDERS)).tolist()
         result["confusion"] = cms
-        with open(fold_dir / "train_log.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"test (best epoch {best['epoch']}): "
-                     + " ".join(f"{k} {v:.4f}" for k, v in test_m.items() if not k.startswith("n_")) + "\n")
-        write_json(fold_dir / "result.json", result)
+        log.info("test (best epoch %d): %s", best["epoch"],
+                 " ".join(f"{k} {v:.4f}" for k, v in test_m.items() if not k.startswith("n_")))
+        write_json(run.fold_dir / "result.json", result)
+    return result
+
+
+@contextlib.contextmanager
+def fold_log(fold_dir: Path, append: bool, enabled: bool) -> Iterator[None]:
+    """While a fold trains, the package's log lines also go to foldK/train_log.txt (rank 0 only);
+    a resumed fold appends to its log."""
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(fold_dir / "train_log.txt", mode="a" if append else "w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.INFO)
+    pkg = logging.getLogger(__name__.rsplit(".", 2)[0])  # "agegender"
+    level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:  # the file gets the INFO lines whatever the console shows
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(level)
+        handler.close()
+
+
+def train_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: Path, di: DistInfo,
+               resume: bool, progress: bool = True) -> dict[str, Any]:
+    """Train one fold from scratch (or from its last.pt), return its test metrics."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    run = setup_fold(cfg, fd, model_args, fold_dir, di)
+    last_path = fold_dir / "last.pt"
+    resuming = resume and last_path.is_file()
+    with fold_log(fold_dir, append=resuming, enabled=di.main):
+        log.info("fold %s: %s %dpx task=%s params=%.2fM GFLOPs=%.3f train=%d val=%d test=%d seed=%d", fd.fold,
+                 model_args.arch, model_args.img_size, model_args.task, run.params / 1e6, run.gflops,
+                 len(fd.train_idx), len(fd.val_idx), len(fd.test_idx), run.seed)
+        start_epoch, best_score, history = restore(run, last_path) if resuming else (1, -1.0, [])
+        scaler = torch.amp.GradScaler("cuda", enabled=run.use_amp)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.time()
+            stats = train_epoch(run, epoch, scaler, progress)
+            val_m, _ = evaluate(run.net, fd.faces, fd.records, fd.val_idx, run.device)
+            row = {"epoch": epoch, "train_loss": stats["train_loss"], "lr": stats["lr"],
+                   **{f"val_{k}": v for k, v in val_m.items()}, "img_per_s": stats["img_per_s"],
+                   "data_time_s": stats["data_time_s"], "epoch_time_s": time.time() - t0}
+            history.append(row)
+            score = score_of(val_m)
+            improved = score > best_score
+            best_score = max(best_score, score)
+            if di.main:
+                log.info(_epoch_line(cfg, row, val_m, improved))
+                save_epoch(run, epoch, val_m, best_score, history, improved)
+            if di.world > 1:
+                dist.barrier()
+        result = test_fold(run)
     if di.world > 1:
         dist.barrier()
     return result

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,16 @@ import torch.distributed as dist
 from sklearn.model_selection import GroupShuffleSplit
 
 from ..export.net import default_model_args
-from ..runtime.datasets import Record, is_holdout, label_arrays, read_dataset
+from ..export.parity import METRIC_KEYS
+from ..runtime.datasets import DataReport, Record, is_holdout, label_arrays, read_dataset
 from ..runtime.fsutil import write_json, write_text
-from .config import TrainConfig
+from ..runtime.labels import AGE_GROUPS, GENDERS
+from .config import NFOLDS, TrainConfig
 from .data import build_cache
 from .engine import DistInfo, FoldData, load_result, train_fold
 from .plots import plot_curves, plot_fold_confusions
 
 log = logging.getLogger(__name__)
-METRIC_KEYS = ("age_exact", "age_1off", "gender_acc")
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
@@ -50,17 +51,57 @@ def split_train_val(records: list[Record], idx: np.ndarray, frac: float, seed: i
     return idx[tr], idx[va]
 
 
+def fold_split(records: list[Record], ok: np.ndarray, k: int, val_frac: float, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) indices of fold ``k`` among the readable images, no subject in two.
+
+    Test = fold k; a subject of the test fold found in another fold (a CSV whose fold column splits
+    a subject) is left out of training, with a warning; validation is carved out by subject.
+    """
+    folds_of = np.array([-1 if r.fold is None else r.fold for r in records])
+    test = np.flatnonzero((folds_of == k) & ok)
+    if len(test) == 0:
+        raise ValueError(f"fold {k} has no readable images (folds present: {sorted(set(folds_of.tolist()))})")
+    test_subjects = {records[i].subject for i in test}
+    rest = np.flatnonzero((folds_of != k) & ok)
+    shared = np.array([records[i].subject in test_subjects for i in rest], bool)
+    if shared.any():
+        log.warning("fold %d: %d training images of subjects in the test fold left out (a subject's images "
+                    "should share one fold)", k, int(shared.sum()))
+    tr, va = split_train_val(records, rest[~shared], val_frac, seed + k)
+    return tr, va, test
+
+
 def describe_data(cfg: TrainConfig, fmt: str, n: int) -> str:
     name = Path(cfg.data).name or cfg.data
     extra = f", holdout {cfg.holdout:.0%} by file-name hash excluded" if cfg.holdout else ""
     return f"{fmt}:{name} ({n} images{extra})"
 
 
-def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train every requested fold (skipping finished ones on resume) and write the summary."""
-    di = init_distributed(cfg)
-    out = Path(cfg.out)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // di.world))
+def _classes(labels: np.ndarray) -> list[int]:
+    return sorted(set(labels[labels >= 0].tolist()))
+
+
+def check_labels(cfg: TrainConfig, records: list[Record]) -> None:
+    """Each trained head needs labels of two classes at least: one class trains a constant answer
+    that scores 1.000 on a test fold of that class."""
+    age, gender, _ = label_arrays(records)
+    for task, article, labels, names, other in (("age", "an", age, AGE_GROUPS, "gender"),
+                                                ("gender", "a", gender, GENDERS, "age")):
+        if cfg.task not in ("both", task):
+            continue
+        present = _classes(labels)
+        if not present:
+            raise ValueError(f"{cfg.data}: no image has {article} {task} label, cannot train task {cfg.task!r}")
+        if len(present) == 1:
+            hint = f"; add images of other classes or train --task {other} only" if cfg.task == "both" else \
+                "; add images of other classes"
+            raise ValueError(f"{cfg.data}: every {task}-labelled image is {names[present[0]]!r}: a classifier "
+                             f"cannot learn {task} from one class{hint}")
+
+
+def load_records(cfg: TrainConfig) -> tuple[list[Record], DataReport]:
+    """The labelled records the run uses: without the holdout, subsampled by --max-images, checked."""
     records, report = read_dataset(cfg.data, cfg.format)
     log.info("data: %s", report.describe())
     if cfg.holdout:
@@ -70,27 +111,48 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
     if cfg.max_images and len(records) > cfg.max_images:
         rng = np.random.default_rng(cfg.seed)
         records = [records[i] for i in sorted(rng.choice(len(records), cfg.max_images, replace=False))]
-    age, gender, scored = label_arrays(records)
-    if cfg.task in ("both", "age") and not (age >= 0).any():
-        raise ValueError(f"{cfg.data}: no image has an age label, cannot train task {cfg.task!r}")
-    if cfg.task in ("both", "gender") and not (gender >= 0).any():
-        raise ValueError(f"{cfg.data}: no image has a gender label, cannot train task {cfg.task!r}")
+    check_labels(cfg, records)
+    return records, report
 
-    cache_dir = cfg.cache_dir or str(out / "cache")
+
+def load_faces(cfg: TrainConfig, records: list[Record], di: DistInfo, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded faces (rank 0 fills the cache, the other ranks read it) and which could be read."""
     if di.main:
-        faces, ok = build_cache(records, cfg.img_size, cache_dir, progress=progress)
+        faces, ok = build_cache(records, cfg.img_size, cfg.cache_path, progress=progress)
     if di.world > 1:
         dist.barrier()
         if not di.main:
-            faces, ok = build_cache(records, cfg.img_size, cache_dir, progress=False)
+            faces, ok = build_cache(records, cfg.img_size, cfg.cache_path, progress=False)
     n_bad = int((~ok).sum())
     if n_bad:
         log.warning("%d of %d images missing or unreadable: skipped", n_bad, len(records))
     if not ok.any():
         raise ValueError(f"{cfg.data}: none of the {len(records)} images could be read")
-    folds_of = np.array([-1 if r.fold is None else r.fold for r in records])
-    model_args = default_model_args(cfg.arch, cfg.task, cfg.img_size, **cfg.timm_kwargs)
-    model_args = type(model_args)(**{**model_args.__dict__, "drop_rate": cfg.drop_rate})
+    return faces, ok
+
+
+def _warn_single_class(fd: FoldData, trained: str) -> None:
+    """The whole data set has two classes per head (check_labels); one fold's training split may not."""
+    for task, labels in (("age", fd.age), ("gender", fd.gender)):
+        if trained not in ("both", task):
+            continue
+        present = _classes(labels[fd.train_idx])
+        if len(present) == 1:
+            log.warning("fold %s: the training split holds one %s class only: its %s results mean little",
+                        fd.fold, task, task)
+
+
+def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train every requested fold (skipping finished ones on resume) and write the summary."""
+    di = init_distributed(cfg)
+    out = Path(cfg.out)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // di.world))
+    records, report = load_records(cfg)
+    faces, ok = load_faces(cfg, records, di, progress)
+    model_args = replace(default_model_args(cfg.arch, cfg.task, cfg.img_size, **cfg.timm_kwargs),
+                         drop_rate=cfg.drop_rate)
+    data_info = {"root": str(Path(cfg.data).resolve()), "format": report.format, "nfolds": NFOLDS,
+                 "holdout": cfg.holdout}
     train_data = describe_data(cfg, report.format, int(ok.sum()))
     results = []
     for k in cfg.folds:
@@ -100,27 +162,20 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
             log.info("fold %d: finished earlier, kept", k)
             results.append(done)
         else:
-            test_idx = np.flatnonzero((folds_of == k) & ok)
-            rest = np.flatnonzero((folds_of != k) & ok)
-            if len(test_idx) == 0:
-                raise ValueError(f"fold {k} has no readable images (folds present: "
-                                 f"{sorted(set(folds_of.tolist()))})")
-            tr, va = split_train_val(records, rest, cfg.val_frac, cfg.seed + k)
-            fd = FoldData(k, faces, age, gender, scored, tr, va, test_idx,
-                          {"root": str(Path(cfg.data).resolve()), "format": report.format, "fold": k,
-                           "nfolds": cfg.nfolds, "holdout": cfg.holdout}, train_data)
+            tr, va, te = fold_split(records, ok, k, cfg.val_frac, cfg.seed)
+            fd = FoldData(k, faces, records, tr, va, te, {**data_info, "fold": k}, train_data)
+            _warn_single_class(fd, cfg.task)
             results.append(train_fold(cfg, fd, model_args, fold_dir, di, resume=resume, progress=progress))
             if di.main:
                 plot_fold_confusions(out, results[-1])
         if di.main:  # after every fold: an interrupted run keeps the summary of what it finished
-            write_summary(out, summarize(results), results)
-    summary = summarize(results)
+            write_summary(out, summarize(results))
     if di.main:
         plot_curves(out, list(cfg.folds))
     if di.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return summary
+    return summarize(results)
 
 
 def summarize(results: list[dict]) -> dict[str, Any]:
@@ -132,7 +187,7 @@ def summarize(results: list[dict]) -> dict[str, Any]:
     return {"folds": rows, "mean": mean, "std": std}
 
 
-def write_summary(out: Path, summary: dict, results: list[dict]) -> None:
+def write_summary(out: Path, summary: dict) -> None:
     write_json(out / "summary.json", summary)
     write_text(out / "summary.csv", pd.DataFrame(summary["folds"]).to_csv(index=False))
 
@@ -144,8 +199,3 @@ def format_table(summary: dict) -> str:
         lines.append(f"{r['fold']:>4}  " + "  ".join(f"{r[k]:>11.4f}" for k in keys) + f"  {r['n_test']:>6}")
     lines.append("mean  " + "  ".join(f"{summary['mean'][k]:>6.4f}±{summary['std'][k]:.3f}" for k in keys))
     return "\n".join(lines)
-
-
-def load_saved_config(out: Path) -> dict | None:
-    p = out / "config.json"
-    return json.loads(p.read_text()) if p.is_file() else None
