@@ -26,22 +26,11 @@ import onnxruntime
 
 from agegender.runtime.predictor import Predictor
 from agegender.runtime.preprocess import prepare_face, to_input
+from agegender.runtime.timing import timed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared"))
 PHOTO_FACE = "17_1_4_20170103201233799.jpg.chip.jpg"  # a frontal face both YuNet and Haar find
-
-
-def timed(fn, repeat: int, warmup: int = 5) -> list[float]:
-    """Wall times of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
 
 
 def summary(times: list[float]) -> str:

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from ..runtime.datasets import IMAGE_EXTS, DataFormatError, Record, is_holdout, 
 from ..runtime.imageio import ImageError, read_image
 from ..runtime.metrics import age_gender_metrics
 from ..runtime.model import create_session
+from ..runtime.timing import timed
 from ..runtime.preprocess import prepare_precropped, to_input
 
 log = logging.getLogger(__name__)
@@ -295,11 +295,4 @@ def latency_ms(path: str | os.PathLike, face: np.ndarray, runs: int = 50, warmup
     sess = ort_session(path, threads=1)
     names = [o.name for o in sess.get_outputs()]
     x = to_input(face[None])
-    for _ in range(warmup):
-        sess.run(names, {"image": x})
-    times = []
-    for _ in range(max(1, runs)):
-        t = time.perf_counter()
-        sess.run(names, {"image": x})
-        times.append((time.perf_counter() - t) * 1000.0)
-    return float(statistics.median(times))
+    return float(statistics.median(timed(lambda: sess.run(names, {"image": x}), runs, warmup)))
