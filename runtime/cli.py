@@ -17,7 +17,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -26,12 +26,13 @@ import click
 from .. import __version__
 from .detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, DETECTORS, DetectorError, fetch_yunet
 from .fsutil import atomic_open, write_error_line
-from .imageio import IMAGE_EXTS, ImageError, read_image
+from .imageio import IMAGE_EXTS
 from .model import ModelError
 from .outputs import CSV_COLUMNS, Annotator, OutputRefused, check_outputs, csv_rows, json_line
+from .pipeline import BATCH_FACES, Result, results
 
 if TYPE_CHECKING:
-    from .predictor import Face, Predictor
+    from .predictor import Predictor
 
 log = logging.getLogger("agegender.runtime.cli")
 
@@ -64,40 +65,15 @@ class RunConfig:
     every: int = 1
     flip: bool = False
     max_faces: int | None = None
+    batch_size: int = BATCH_FACES  # faces per onnxruntime call; 1 = one image at a time
+    readers: int | None = None  # image-reading threads; None: 1, or 0 (read inline) at --threads 1
 
 
-@dataclass
-class Result:
-    """What one image (or one video frame) gave: one ``--json`` line (README, "JSON output")."""
-
-    path: str
-    width: int | None = None
-    height: int | None = None
-    faces: list[Face] = field(default_factory=list)
-    error: str | None = None
-    frame: int | None = None
-    image: Any = None  # the RGB image, kept only until it is annotated
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": self.path}
-        if self.frame is not None:
-            d["frame"] = self.frame
-        d.update(width=self.width, height=self.height, faces=[f.to_dict() for f in self.faces], error=self.error)
-        return d
-
-    def text_lines(self) -> list[str]:
-        where = self.path if self.frame is None else f"{self.path} [frame {self.frame}]"
-        if not self.faces:
-            return [f"{where}: no face found"]
-        lines = []
-        for i, f in enumerate(self.faces, 1):
-            parts = []
-            if f.gender is not None:
-                parts.append(f"{f.gender} ({f.gender_score:.2f})")
-            if f.age is not None:
-                parts.append(f"age {f.age} ({f.age_probs[f.age]:.2f})")
-            lines.append(f"{where}: face {i}/{len(self.faces)} at {list(f.box)}: {', '.join(parts)}")
-        return lines
+def reader_threads(cfg: RunConfig) -> int:
+    """Threads that read images ahead of the model: none when the user asked for one thread."""
+    if cfg.readers is not None:
+        return cfg.readers
+    return 0 if cfg.threads == 1 else 1
 
 
 # --------------------------------------------------------------------------- inputs
@@ -142,39 +118,6 @@ def expand_inputs(inputs: Sequence[str], recursive: bool, stdin: TextIO | None =
     return out
 
 
-# --------------------------------------------------------------------------- processing
-def _failed(path: str, exc: BaseException, frame: int | None = None) -> Result:
-    if isinstance(exc, (ImageError, ModelError, OSError)):
-        msg = str(exc)
-    else:  # an unexpected library error on this input: one line for the user, details with -v
-        log.debug("while processing %s", path, exc_info=exc)
-        msg = f"{path}: cannot process ({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''})"
-    return Result(path, error=" ".join(msg.split()), frame=frame)
-
-
-def process(predictor: Predictor, path: str, every: int = 1, keep_image: bool = False) -> Iterator[Result]:
-    """Results for one input: one for an image, one per processed frame for a video."""
-    from .video import is_video, iter_frames
-
-    if is_video(path):
-        frame = None
-        try:
-            for frame, image in iter_frames(path, every):
-                faces = predictor.predict(image)
-                yield Result(path, image.shape[1], image.shape[0], faces, frame=frame,
-                             image=image if keep_image else None)
-        except Exception as e:  # noqa: BLE001 - reported for this input, the run goes on
-            yield _failed(path, e, frame)
-        return
-    try:
-        image = read_image(path)
-        faces = predictor.predict(image)
-    except Exception as e:  # noqa: BLE001 - reported for this input, the run goes on
-        yield _failed(path, e)
-        return
-    yield Result(path, image.shape[1], image.shape[0], faces, image=image if keep_image else None)
-
-
 def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> int:
     """Process ``files`` in order, writing every output; returns the exit status (0 or 1)."""
     from tqdm import tqdm
@@ -192,31 +135,42 @@ def run(cfg: RunConfig, predictor: Predictor, files: list[str], out: TextIO) -> 
         stack.enter_context(logging_redirect_tqdm([logging.getLogger("agegender")]))
         bar = stack.enter_context(tqdm(total=len(files), unit="file", file=sys.stderr,
                                        disable=True if len(files) < PROGRESS_MIN_INPUTS else None))
-        for path in files:
-            for r in process(predictor, path, cfg.every, keep_image=annotator is not None):
-                lines = _output_lines(r, cfg.json)
-                if r.error:
-                    status = 1
-                    log.error("%s", r.error)
-                for line in lines:
-                    if bar.disable:
-                        out.write(line + "\n")
-                    else:
-                        tqdm.write(line, file=out)
-                if writer:
-                    writer.writerows(csv_rows(r))
-                if annotator and r.image is not None:
-                    try:
-                        annotator.save(r)
-                    except OSError as e:
-                        status = 1
-                        log.error("%s", e)
-                r.image = None
-            out.flush()
-            bar.update(1)
+        for r, last in results(predictor, files, cfg.every, annotator is not None, cfg.batch_size,
+                               reader_threads(cfg)):
+            if not _emit(r, cfg, out, bar, writer, annotator):
+                status = 1
+            if last:
+                out.flush()
+                bar.update(1)
     if cfg.csv:
         log.info("wrote %s", cfg.csv)
     return status
+
+
+def _emit(r: Result, cfg: RunConfig, out: TextIO, bar: Any, writer: Any, annotator: Annotator | None) -> bool:
+    """Write one result to every output; False when it is an error (or its annotated copy failed)."""
+    from tqdm import tqdm
+
+    ok = True
+    lines = _output_lines(r, cfg.json)
+    if r.error:
+        ok = False
+        log.error("%s", r.error)
+    for line in lines:
+        if bar.disable:
+            out.write(line + "\n")
+        else:
+            tqdm.write(line, file=out)
+    if writer:
+        writer.writerows(csv_rows(r))
+    if annotator and r.image is not None:
+        try:
+            annotator.save(r)
+        except OSError as e:
+            ok = False
+            log.error("%s", e)
+    r.image = None
+    return ok
 
 
 def _output_lines(r: Result, as_json: bool) -> list[str]:
@@ -290,8 +244,8 @@ def make_predictor(cfg: RunConfig) -> Predictor:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@click.option("--model", type=click.Path(dir_okay=False), help="agegender ONNX model [default: AGEGENDER_MODEL, "
-              "else the shipped int8 model]")
+@click.option("--model", type=click.Path(dir_okay=False), help="agegender ONNX model: a path, or default / fast "
+              "for a shipped one [default: AGEGENDER_MODEL, else the shipped int8 model]")
 @click.option("--detector", type=click.Choice(DETECTORS), default="auto", show_default=True,
               help="face detector; none = every image is one pre-cropped face")
 @click.option("--detector-model", type=click.Path(dir_okay=False),
@@ -315,6 +269,10 @@ def make_predictor(cfg: RunConfig) -> Predictor:
               help="for videos: process every N-th frame")
 @click.option("--fetch-detector", is_flag=True, help="download and verify the YuNet detector into the cache "
               "(for offline use later), then process INPUTs if any")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_FACES, hidden=True,
+              help="faces per onnxruntime call (1: one image at a time)")
+@click.option("--readers", type=click.IntRange(min=0, max=8), hidden=True,
+              help="image-reading threads [default: 1; 0 at --threads 1]")
 @click.option("-v", "--verbose", count=True, help="more diagnostics on stderr (-vv: debug)")
 @click.option("-q", "--quiet", is_flag=True, help="only errors on stderr")
 @click.version_option(__version__, prog_name="agegender-run")
@@ -361,7 +319,7 @@ def _main(inputs: tuple[str, ...], fetch_detector: bool, options: dict[str, Any]
         status = run(cfg, predictor, files, sys.stdout)
     except BrokenPipeError:
         raise
-    except OutputRefused as e:
+    except (OutputRefused, DetectorError) as e:  # a detector failing mid-run is broken for every input
         raise SetupError(str(e)) from None
     except OSError as e:  # input errors are handled per input: this is an output (--csv, --save-annotated)
         raise SetupError(f"cannot write output: {write_error_line(e)}") from None

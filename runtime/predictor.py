@@ -26,6 +26,7 @@ from .preprocess import prepare_face, prepare_precropped, to_input
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "agegender_int8.onnx"
+MODEL_NAMES = {"default": DEFAULT_MODEL, "fast": "agegender_fast_int8.onnx"}  # --model NAME: a shipped file
 MODEL_PACKAGE = "agegender.models"
 
 
@@ -52,25 +53,37 @@ class Face:
         }
 
 
-def default_model_path() -> Path | None:
-    """The shipped model in ``agegender.models``, or None when it is not installed."""
+def shipped_model(name: str = "default") -> Path | None:
+    """The file of a short model name (``MODEL_NAMES``) in ``agegender.models``, or None when absent."""
     try:
-        path = resources.files(MODEL_PACKAGE) / DEFAULT_MODEL
+        path = resources.files(MODEL_PACKAGE) / MODEL_NAMES[name]
     except ModuleNotFoundError:
         return None
     return Path(str(path)) if path.is_file() else None
 
 
+def default_model_path() -> Path | None:
+    """The shipped model in ``agegender.models``, or None when it is not installed."""
+    return shipped_model("default")
+
+
 def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
-    """``model``, else ``AGEGENDER_MODEL``, else the shipped default; raises ModelError."""
-    given = model or os.environ.get("AGEGENDER_MODEL")
-    if given:
-        return Path(given).expanduser()
-    path = default_model_path()
-    if path is None:
-        raise ModelError(f"no model given and the default model ({MODEL_PACKAGE}/{DEFAULT_MODEL}) is not installed: "
-                         f"pass --model PATH (or set AGEGENDER_MODEL)")
-    return path
+    """``model``, else ``AGEGENDER_MODEL``, else the shipped default; raises ModelError.
+
+    A short name (``default``, ``fast``) means a shipped model, unless a file of that name exists:
+    a path the user can see always wins.
+    """
+    given = str(model or os.environ.get("AGEGENDER_MODEL") or "")
+    path = Path(given).expanduser()
+    if given and (given not in MODEL_NAMES or path.exists()):
+        return path
+    found = shipped_model(given) if given else default_model_path()
+    if found is None:
+        names = ", ".join(n for n in MODEL_NAMES if shipped_model(n)) or "none"
+        what = f"model {given!r}" if given else "no model given and the default model"
+        raise ModelError(f"{what} ({MODEL_PACKAGE}/{MODEL_NAMES[given or 'default']}) is not installed; shipped "
+                         f"models installed: {names}; pass --model PATH (or set AGEGENDER_MODEL)")
+    return found
 
 
 @functools.lru_cache(maxsize=8)
@@ -102,7 +115,8 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 class Predictor:
     """Faces with age group and gender from images.
 
-    ``model``: an agegender ONNX file (default: ``AGEGENDER_MODEL`` or the shipped int8 model).
+    ``model``: an agegender ONNX file, or ``"default"``/``"fast"`` for a shipped one (default:
+    ``AGEGENDER_MODEL`` or the shipped int8 model; a file that exists wins over a short name).
     ``detector``: auto | yunet | haar | none, or a detector object (see ``detect.create_detector``);
     ``auto`` may fetch YuNet once into the cache (short timeout), else falls back to Haar.
     ``min_face_size``: detected faces smaller than this (pixels, shorter side) are dropped.
@@ -143,19 +157,22 @@ class Predictor:
         # left to right (left edge, then top): stable whatever the thread count
         return sorted(kept, key=lambda d: (round(d.box[0]), round(d.box[1])))
 
-    def classify(self, image: np.ndarray, dets: list[Detection]) -> list[Face]:
-        """Classify the given boxes of an RGB image in one batch."""
-        if not dets:
-            return []
+    def crops(self, image: np.ndarray, dets: list[Detection]) -> list[np.ndarray]:
+        """The (S, S, 3) uint8 face each box gives, as the model sees it (``preprocess``)."""
         size, margin = self.meta.input_size, self.meta.crop_margin
         if self.detector.name == "none":  # the image is the face as framed: no margin to add
-            batch = to_input([prepare_precropped(image, size) for _ in dets])
-        else:
-            batch = to_input([prepare_face(image, d.box, margin, size) for d in dets])
-        out = self.classifier.run(batch, flip=self.flip)
+            return [prepare_precropped(image, size) for _ in dets]
+        return [prepare_face(image, d.box, margin, size) for d in dets]
+
+    def run_faces(self, crops: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's probabilities for face crops (of one or several images) in one onnxruntime call."""
+        return self.classifier.run(to_input(crops), flip=self.flip)
+
+    def faces(self, dets: list[Detection], out: dict[str, np.ndarray], start: int = 0) -> list[Face]:
+        """``Face`` objects of ``dets`` from rows ``start``... of a ``run_faces`` result."""
         age, gender = out.get("age_probs"), out.get("gender_probs")
         faces = []
-        for i, d in enumerate(dets):
+        for i, d in enumerate(dets, start):
             age_probs = age_label = gender_label = gender_score = None
             if age is not None:
                 age_probs = {g: float(p) for g, p in zip(self.meta.age_groups, age[i])}
@@ -166,6 +183,12 @@ class Predictor:
             box = tuple(int(round(v)) for v in d.box)
             faces.append(Face(box, float(d.score), age_label, age_probs, gender_label, gender_score))  # type: ignore[arg-type]
         return faces
+
+    def classify(self, image: np.ndarray, dets: list[Detection]) -> list[Face]:
+        """Classify the given boxes of an RGB image in one batch."""
+        if not dets:
+            return []
+        return self.faces(dets, self.run_faces(self.crops(image, dets)))
 
     def predict(self, image_or_path: np.ndarray | str | os.PathLike) -> list[Face]:
         """Faces in an image file (any format OpenCV reads) or an RGB uint8 array."""

@@ -16,6 +16,7 @@ from contract_model import FACE_NAME, build_contract_model, face_on_canvas, isol
 
 from agegender.runtime import AGE_GROUPS, GENDERS
 from agegender.runtime import cli as cli_mod
+from agegender.runtime import pipeline as pipeline_mod
 from agegender.runtime.cli import CSV_COLUMNS, cli
 
 FACE_KEYS = ["box", "det_score", "age", "age_probs", "gender", "gender_score"]
@@ -95,14 +96,14 @@ def test_csv_is_written_atomically(model, tmp_path, monkeypatch):
     assert rows[0]["face"] == "0" and rows[0]["age"] in AGE_GROUPS and rows[0]["error"] == ""
     assert rows[1]["face"] == "" and "not a readable image" in rows[1]["error"]
     # a run that dies part-way leaves the previous CSV untouched and no temporary file behind
-    real = cli_mod.process
+    real = pipeline_mod.read_image
 
-    def dying(predictor, path, *a, **kw):
-        if path == str(bad):
+    def dying(path, *a, **kw):
+        if str(path) == str(bad):
             raise KeyboardInterrupt
-        return real(predictor, path, *a, **kw)
+        return real(path, *a, **kw)
 
-    monkeypatch.setattr(cli_mod, "process", dying)
+    monkeypatch.setattr(pipeline_mod, "read_image", dying)
     before = out.read_bytes()
     CliRunner().invoke(cli, ["--model", str(model), "--detector", "none", "--csv", str(out), str(a), str(bad)])
     assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == ["res.csv"]
