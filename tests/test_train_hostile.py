@@ -206,6 +206,16 @@ def test_unusable_run_config_names_the_file(csv40, tmp_path, content):
         assert str(out / "config.json") in line and "--force" in line
 
 
+@pytest.mark.parametrize("content", ["{", "[]", '{"fold": 0}'])
+def test_unusable_fold_result_names_the_file(tmp_path, content):
+    from agegender.train.engine import load_result
+
+    (tmp_path / "result.json").write_text(content)
+    with pytest.raises(ValueError, match="result.json") as err:
+        load_result(tmp_path)
+    assert len(str(err.value).splitlines()) == 1
+
+
 def test_resume_and_force_together_is_a_usage_error(csv40, tmp_path):
     res = CliRunner().invoke(train_cli.main, ["--data", str(csv40), "--out", str(tmp_path / "o"), "--resume",
                                               "--force"])

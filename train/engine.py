@@ -391,5 +391,15 @@ def _write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 
 def load_result(fold_dir: Path) -> dict | None:
+    """A finished fold's result.json, or None; an unusable one names itself (one line, no traceback)."""
     p = fold_dir / "result.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        result = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{p}: unreadable fold result ({e}); delete it to train the fold again") from None
+    if not isinstance(result, dict) or not {"fold", "n_test"} <= set(result):
+        raise ValueError(f"{p}: not a fold result (a JSON object with fold and n_test); delete it to train "
+                         f"the fold again")
+    return result
