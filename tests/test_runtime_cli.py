@@ -297,3 +297,30 @@ def test_unwritable_outputs_are_one_line_errors(model, tmp_path):
     assert res.exit_code == 2 and "cannot write output" in res.stderr
     res = invoke(model, "--detector", "none", "--save-annotated", tmp_path / "file" / "ann", a)
     assert res.exit_code == 2 and "cannot write output" in res.stderr
+
+
+# --------------------------------------------------------------------------- short model names
+def test_short_model_names_resolve_to_shipped_files(model, tmp_path, monkeypatch):
+    from agegender.runtime import predictor as predictor_mod
+    from agegender.runtime.model import ModelError
+    from agegender.runtime.predictor import Predictor, default_model_path, resolve_model_path
+
+    shipped = default_model_path()
+    if shipped is None:
+        pytest.skip("the shipped default model is not installed")
+    assert resolve_model_path("default") == shipped
+    monkeypatch.setitem(predictor_mod.MODEL_NAMES, "fast", "agegender_int8.onnx")  # as if it were shipped
+    assert resolve_model_path("fast") == shipped
+    monkeypatch.setitem(predictor_mod.MODEL_NAMES, "fast", "absent_for_this_test.onnx")
+    with pytest.raises(ModelError, match=r"model 'fast' .*absent_for_this_test.onnx\) is not installed.*: default;"):
+        Predictor(model="fast", detector="none")
+    a = _write(tmp_path / "a.png", _img())
+    res = CliRunner().invoke(cli, ["--model", "fast", "--detector", "none", str(a)])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "installed: default" in res.stderr
+    monkeypatch.setenv("AGEGENDER_MODEL", "fast")  # the environment variable takes short names too
+    assert CliRunner().invoke(cli, ["--detector", "none", str(a)]).exit_code == 2
+    monkeypatch.chdir(tmp_path)  # a file named like a short name wins: the user can see it
+    (tmp_path / "fast").write_bytes(Path(model).read_bytes())
+    assert resolve_model_path("fast") == Path("fast")
+    res = invoke("fast", "--json", "--detector", "none", a)
+    assert res.exit_code == 0 and jsonl(res)[0]["faces"][0]["age"] in AGE_GROUPS
