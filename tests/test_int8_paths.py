@@ -161,3 +161,20 @@ def test_qat_without_its_data_says_which_data_it_needs(tiny, tmp_path):
     save_checkpoint(tmp_path / "moved.pt", ckpt)
     with pytest.raises(Exception, match="needs the data the checkpoint was trained on"):
         run_qat(QatConfig(checkpoint=str(tmp_path / "moved.pt"), out=str(tmp_path / "q.pt"), progress=False))
+
+
+def test_train_adience_qat_from_writes_a_qat_checkpoint_and_refuses_options_it_ignores(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from agegender.train.cli import main
+
+    out = tmp_path / "qat"
+    res = CliRunner().invoke(main, ["--qat-from", str(tiny["ckpt"]), "--out", str(out), "--batch-size", "16", "-q"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out / "qat.pt")["qat"]["epochs"] == 1  # the --qat-from default
+    summary = json.loads((out / "qat.json").read_text())
+    assert set(summary["calibration"]) == {"age", "gender"}
+    res = CliRunner().invoke(main, ["--qat-from", str(tiny["ckpt"]), "--out", str(tmp_path / "q2"), "--arch", "resnet50"])
+    assert res.exit_code == 2 and "--arch: not used by --qat-from" in res.output
+    res = CliRunner().invoke(main, ["--qat-from", str(tiny["ckpt"]), "--out", str(out)])
+    assert res.exit_code == 1 and "already exists" in res.output

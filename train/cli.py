@@ -20,7 +20,10 @@ from .config import NFOLDS, TrainConfig
 log = logging.getLogger("agegender.train")
 D = TrainConfig.default
 # click parameters that steer the command rather than describe the run (not in config.json)
-NOT_CONFIG = ("eda_only", "resume", "force", "quiet")
+NOT_CONFIG = ("eda_only", "resume", "force", "quiet", "qat_from")
+# what --qat-from may be given with (the checkpoint fixes the model, its data and folds), and its own defaults
+QAT_OPTIONS = ("qat_from", "data", "out", "epochs", "batch_size", "lr", "seed", "cache_dir", "quiet", "force")
+QAT_DEFAULTS = {"epochs": 1, "lr": 1e-4}
 
 
 def _parse_folds(value: str, nfolds: int = NFOLDS) -> tuple[int, ...]:
@@ -114,7 +117,7 @@ def prepare_out(cfg: TrainConfig, resume: bool, force: bool, add_folds: bool, ra
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--data", required=True, type=click.Path(exists=True),
+@click.option("--data", type=click.Path(exists=True),
               help="Adience dir (fold_*_data.txt + aligned/ or faces/), UTKFace dir, or a CSV "
                    "(path,age,gender[,fold][,subject]).")
 @click.option("--format", type=click.Choice(["auto", "adience", "utkface", "csv"]), default=D("format"),
@@ -164,8 +167,14 @@ def prepare_out(cfg: TrainConfig, resume: bool, force: bool, add_folds: bool, ra
                    "(finished folds are kept, the summary covers them all).")
 @click.option("--force", is_flag=True,
               help="Start over in an existing OUT (its folds, summary and face cache are deleted first).")
+@click.option("--qat-from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Quantization-aware fine-tuning of this checkpoint instead of training: --epochs (default 1) "
+                   "with the int8 scheme simulated, on the checkpoint's own training folds (--data if they moved), "
+                   "--lr default 1e-4; writes OUT/qat.pt for export-onnx --quantize. Other model and data "
+                   "options come from the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def main(**opts: Any) -> None:
+@click.pass_context
+def main(ctx: click.Context, **opts: Any) -> None:
     """Train an age-group/gender classifier with subject-exclusive k-fold cross-validation.
 
     Each test fold gets a fresh model, optimizer, scheduler and seed; the validation split
@@ -178,6 +187,11 @@ def main(**opts: Any) -> None:
       train-adience --data adience/ --arch mobilenetv3_large_100 --img-size 224 --out runs/mnv3
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if opts["qat_from"]:
+        _qat(ctx, opts)
+        return
+    if not opts["data"]:
+        raise click.UsageError("Missing option '--data' (the training data).")
     if opts["resume"] and opts["force"]:
         raise click.UsageError("--resume continues the run in OUT, --force deletes it: give one of them")
     rank = int(os.environ.get("RANK", "0"))
@@ -197,6 +211,32 @@ def main(**opts: Any) -> None:
         raise click.ClickException(_one_line(e)) from None
     if rank == 0:
         click.echo(format_table(summary))
+
+
+def _qat(ctx: click.Context, opts: dict[str, Any]) -> None:
+    """--qat-from: fine-tune a checkpoint with the int8 scheme; OUT/qat.pt and OUT/qat.json."""
+    given = [k for k in opts if k not in QAT_OPTIONS
+             and ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise click.UsageError(f"{names}: not used by --qat-from (the checkpoint fixes its model, data and folds)")
+    for k, v in QAT_DEFAULTS.items():
+        if ctx.get_parameter_source(k) is click.core.ParameterSource.DEFAULT:
+            opts[k] = v
+    out = Path(opts["out"])
+    if (out / "qat.pt").exists() and not opts["force"]:
+        raise click.ClickException(f"{out / 'qat.pt'} already exists; use --force to overwrite it")
+    from .qat import QatConfig, run_qat
+
+    cfg = QatConfig(checkpoint=opts["qat_from"], out=str(out / "qat.pt"), epochs=opts["epochs"], lr=opts["lr"],
+                    batch_size=opts["batch_size"], seed=opts["seed"], data=opts["data"],
+                    cache_dir=opts["cache_dir"] or str(out / "cache"), progress=not opts["quiet"])
+    try:
+        summary = run_qat(cfg)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(_one_line(e)) from None
+    write_json(out / "qat.json", {"config": {k: v for k, v in cfg.__dict__.items()}, **summary})
+    click.echo(f"{out / 'qat.pt'}: export it with export-onnx {out / 'qat.pt'} --out DIR --quantize")
 
 
 def _one_line(e: Exception) -> str:

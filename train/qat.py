@@ -175,7 +175,7 @@ def _save(cfg: QatConfig, ckpt, net, start, final, history, scheme) -> dict[str,
     path = Path(cfg.out)
     save_checkpoint(path, out)
     log.info("wrote %s: test (fake-quant) %s; started from %s", path, _fmt(final["test"]), _fmt(start["test"]))
-    return out["qat"]
+    return {**out["qat"], "calibration": out["calibration"]}
 
 
 def _fmt(m: dict[str, float]) -> str:
