@@ -84,7 +84,7 @@ class ExportConfig:
 
 # --------------------------------------------------------------------------- fp32 export
 def metadata(ckpt: dict[str, Any], quantization: str, opset: int) -> dict[str, str]:
-    """The metadata_props of DESIGN.md (plus provenance: epoch, fold, opset)."""
+    """The metadata_props the runtime reads (README, "export-onnx"), plus provenance: epoch, fold, opset."""
     labels = ckpt.get("labels") or {}
     age_groups = list(labels.get("age_groups", AGE_GROUPS))
     genders = list(labels.get("genders", GENDERS))
