@@ -93,6 +93,16 @@ def _act_fq() -> FakeQuantize:
                         dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
 
 
+def set_range(fq: FakeQuantize, lo: float, hi: float) -> None:
+    """Fix an activation's range (and the scale and zero point it implies); the observer stops."""
+    pp = fq.activation_post_process
+    pp.min_val, pp.max_val = torch.tensor(float(lo)), torch.tensor(float(hi))
+    scale, zero = fq.calculate_qparams()
+    fq.scale.resize_(scale.shape).copy_(scale)
+    fq.zero_point.resize_(zero.shape).copy_(zero)
+    fq.disable_observer()
+
+
 class FakeQuantized:
     """Fake quantization attached to a network's convs; ``remove()`` bakes the weights onto the grid."""
 
@@ -105,10 +115,7 @@ class FakeQuantized:
             parametrize.register_parametrization(conv, "weight", WeightFakeQuant())
             fq = _act_fq()
             if act_ranges and name in act_ranges:
-                lo, hi = act_ranges[name]
-                fq.activation_post_process.min_val = torch.tensor(float(lo))
-                fq.activation_post_process.max_val = torch.tensor(float(hi))
-                fq.disable_observer()
+                set_range(fq, *act_ranges[name])
             self.act[name] = fq
             self.hooks.append(conv.register_forward_pre_hook(lambda m, inp, fq=fq: (fq(inp[0]),) + inp[1:]))
 

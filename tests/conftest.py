@@ -60,3 +60,19 @@ def yunet_model(shared_dir: Path) -> Path:
     if not p.is_file():
         pytest.skip(f"{p} is absent")
     return p
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No user settings, a private cache, a detector URL that cannot reach the network."""
+    from contract_model import isolate_runtime_env
+
+    isolate_runtime_env(monkeypatch, tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A small agegender contract model (32 px) for runtime tests; modules may override it."""
+    from contract_model import build_contract_model
+
+    return build_contract_model(tmp_path_factory.mktemp("m") / "contract.onnx", input_size=32)

@@ -57,3 +57,48 @@ def make_csv(root: Path, n: int = 40, size: int = 48, seed: int = 0, folds: int 
         rows.append(f"{name},{mids[group]},{'mf'[gender]},{i % folds}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root / "labels.csv"
+
+
+def tiny_checkpoint(root: Path, arch: str = "mobilenetv3_small_050", size: int = 32, crop_margin: float = 0.1) -> dict:
+    """A generated CSV dataset and a checkpoint trained 30 AdamW steps on its training folds (fold 0 is the
+    test fold): {"root", "ckpt", "csv", "records"}. Needs torch (export and train tests only)."""
+    import torch
+
+    from agegender.export.net import AgeGenderNet, ModelArgs, make_checkpoint, save_checkpoint
+    from agegender.export.parity import face_of
+    from agegender.runtime.datasets import label_arrays, read_dataset
+    from agegender.runtime.preprocess import to_input
+
+    csv = make_csv(root / "data", n=100, size=48)
+    records, _ = read_dataset(csv)
+    train = [r for r in records if r.fold != 0]
+    x = torch.from_numpy(to_input(np.stack([face_of(r.path, size) for r in train])))
+    age, gender, _ = label_arrays(train)
+    a, g = torch.from_numpy(age), torch.from_numpy(gender)
+    torch.manual_seed(0)
+    net = AgeGenderNet(ModelArgs(arch=arch, img_size=size, drop_rate=0.0))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(30):
+        idx = torch.randint(0, len(train), (16,))
+        out = net(x[idx])
+        loss = (torch.nn.functional.cross_entropy(out["age"], a[idx], label_smoothing=0.1)
+                + torch.nn.functional.cross_entropy(out["gender"], g[idx], label_smoothing=0.1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    data = {"root": str(csv), "format": "csv", "fold": 0, "nfolds": 5, "holdout": 0.0}
+    ckpt = make_checkpoint(net.eval(), crop_margin=crop_margin, config={"arch": arch}, data=data,
+                           train_data="csv:generated (80 images)", fold=0, epoch=1,
+                           metrics={"test": {"age_exact": 0.5, "gender_acc": 0.9}})
+    save_checkpoint(root / "tiny.pt", ckpt)
+    return {"root": root, "ckpt": root / "tiny.pt", "csv": csv, "records": records}
+
+
+def make_video(path: Path, frames: int, size: tuple[int, int] = (64, 48), step: int = 20) -> Path:
+    """An MJPG AVI of ``frames`` flat grey frames (brightness i * step) at 10 fps."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    for i in range(frames):
+        writer.write(np.full((size[1], size[0], 3), (i * step) % 256, np.uint8))
+    writer.release()
+    return path

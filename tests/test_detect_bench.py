@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from contract_model import build_contract_model, iou, isolate_runtime_env
+from contract_model import build_contract_model, iou
 
 from agegender.runtime import Predictor
 from agegender.runtime.cli import cli
@@ -19,9 +19,7 @@ from agegender.runtime.detect import DetectorError, Passes, YuNetDetector, creat
 SIDES = (150, 60, 120, 75, 95, 135, 85)  # seven faces, 60-150 px
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    isolate_runtime_env(monkeypatch, tmp_path / "cache")
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no user settings, no network
 
 
 @pytest.fixture(scope="module")

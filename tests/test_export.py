@@ -21,11 +21,9 @@ from agegender.export.cli import main, run
 from agegender.export.net import ModelArgs, AgeGenderNet, load_checkpoint, make_checkpoint, save_checkpoint
 from agegender.export.onnx_export import ExportConfig
 from agegender.export.parity import face_of
-from agegender.runtime.datasets import label_arrays
-from agegender.runtime.datasets import read_dataset
 from agegender.runtime.model import REQUIRED_KEYS, OnnxClassifier
 from agegender.runtime.preprocess import to_input
-from fakedata import make_csv
+from fakedata import tiny_checkpoint
 
 ARCH, SIZE = "mobilenetv3_small_050", 32
 FAST = dict(latency_runs=2, progress=False, parity_size=64)
@@ -44,33 +42,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread) -> dict:
-    """A CSV dataset of generated faces and a checkpoint trained a few SGD steps on its training folds."""
-    root = tmp_path_factory.mktemp("export")
-    csv = make_csv(root / "data", n=100, size=48)
-    records, _ = read_dataset(csv)
-    train = [r for r in records if r.fold != 0]
-    x = torch.from_numpy(to_input(np.stack([face_of(r.path, SIZE) for r in train])))
-    age, gender, _ = label_arrays(train)
-    a, g = torch.from_numpy(age), torch.from_numpy(gender)
-    torch.manual_seed(0)
-    net = AgeGenderNet(ModelArgs(arch=ARCH, img_size=SIZE, drop_rate=0.0))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(30):
-        idx = torch.randint(0, len(train), (16,))
-        out = net(x[idx])
-        loss = (torch.nn.functional.cross_entropy(out["age"], a[idx], label_smoothing=0.1)
-                + torch.nn.functional.cross_entropy(out["gender"], g[idx], label_smoothing=0.1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    data = {"root": str(csv), "format": "csv", "fold": 0, "nfolds": 5, "holdout": 0.0}
-    ckpt = make_checkpoint(net, crop_margin=0.1, config={"arch": ARCH}, data=data,
-                           train_data="csv:generated (80 images)", fold=0, epoch=1,
-                           metrics={"test": {"age_exact": 0.5, "gender_acc": 0.9}})
-    save_checkpoint(root / "tiny.pt", ckpt)
-    return {"root": root, "ckpt": root / "tiny.pt", "csv": csv, "records": records}
+    """A CSV dataset of generated faces and a checkpoint trained a few steps on its training folds."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("export"), ARCH, SIZE)
 
 
 def cfg_for(trained: dict, out: Path, **kw) -> ExportConfig:

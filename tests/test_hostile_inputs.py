@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from contract_model import build_contract_model, isolate_runtime_env
+from fakedata import make_video
+from contract_model import build_contract_model
 
 from agegender.runtime import detect
 from agegender.runtime.cli import cli
@@ -35,14 +36,7 @@ from agegender.runtime.imageio import ImageError, read_image, read_input
 HANG_GUARD_S = 120  # a subprocess still running after this is a hang, whatever the machine's load
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    isolate_runtime_env(monkeypatch, tmp_path / "cache")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return build_contract_model(tmp_path_factory.mktemp("m") / "contract.onnx", input_size=32)
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no user settings, no network
 
 
 def _png(path: Path, h: int = 40, w: int = 60, value: int = 100) -> Path:
@@ -264,11 +258,7 @@ def test_decoder_chatter_never_reaches_stderr(model, tmp_path):
 
 
 def test_truncated_video_warns(model, tmp_path):
-    path = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    for i in range(30):
-        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
-    writer.release()
+    path = make_video(tmp_path / "clip.avi", 30, step=8)
     data = path.read_bytes()
     (tmp_path / "half.avi").write_bytes(data[: len(data) // 2])
     res = run_cli(model, "--detector", "none", "--json", path)

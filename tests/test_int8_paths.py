@@ -4,24 +4,18 @@ checkpoint whose weights sit on the 7-bit grid the export writes."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from agegender.export import kernels
 from agegender.export.fakequant import WEIGHT_QMAX, conv_bn_pairs
-from agegender.export.net import AgeGenderNet, ModelArgs, load_checkpoint, make_checkpoint, save_checkpoint
+from agegender.export.net import AgeGenderNet, ModelArgs, load_checkpoint, save_checkpoint
 from agegender.export.onnx_export import ExportConfig, GateFailed, run_export
-from agegender.export.parity import face_of
-from agegender.runtime.datasets import label_arrays, read_dataset
 from agegender.runtime.model import OnnxClassifier
-from agegender.runtime.preprocess import to_input
 from agegender.train.qat import QatConfig, run_qat
-from fakedata import make_csv
+from fakedata import tiny_checkpoint
 
 ARCH, SIZE = "mobilenetv3_small_050", 32
 LOOSE = dict(max_drop=100.0, min_agreement=(("age", 0.0), ("gender", 0.0)), latency_runs=2, progress=False,
@@ -45,28 +39,7 @@ sys.exit(rc)
 def tiny(tmp_path_factory) -> dict:
     """A generated CSV dataset and a checkpoint trained a few steps on its training folds."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("int8paths")
-    csv = make_csv(root / "data", n=100, size=48)
-    records, _ = read_dataset(csv)
-    train = [r for r in records if r.fold != 0]
-    x = torch.from_numpy(to_input(np.stack([face_of(r.path, SIZE) for r in train])))
-    age, gender, _ = label_arrays(train)
-    torch.manual_seed(0)
-    net = AgeGenderNet(ModelArgs(arch=ARCH, img_size=SIZE, drop_rate=0.0))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    for _ in range(30):
-        idx = torch.randint(0, len(train), (16,))
-        out = net(x[idx])
-        loss = (torch.nn.functional.cross_entropy(out["age"], torch.from_numpy(age)[idx])
-                + torch.nn.functional.cross_entropy(out["gender"], torch.from_numpy(gender)[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    data = {"root": str(csv), "format": "csv", "fold": 0, "nfolds": 5, "holdout": 0.0}
-    ckpt = make_checkpoint(net.eval(), crop_margin=0.0, config={}, data=data, train_data="csv:generated",
-                           fold=0, epoch=1, metrics={})
-    save_checkpoint(root / "tiny.pt", ckpt)
-    return {"root": root, "ckpt": root / "tiny.pt", "csv": csv}
+    return tiny_checkpoint(tmp_path_factory.mktemp("int8paths"), ARCH, SIZE, crop_margin=0.0)
 
 
 def test_combine_fails_when_any_judged_path_fails_and_lists_unjudged_ones():
@@ -151,7 +124,8 @@ def test_qat_puts_weights_on_the_grid_and_exports_with_its_scheme(tiny, tmp_path
     out = tmp_path / "m"
     rep = run_export(ExportConfig(checkpoint=str(qat_path), out=str(out), quantize=True, **LOOSE))
     assert rep["int8"]["settings"]["reduce_range"] is True
-    assert set(rep["int8"]["gate"]["qat"]["agreement_with_fakequant"]) == {"age", "gender"}
+    agree = rep["int8"]["gate"]["qat"]["agreement_with_fakequant"]
+    assert agree["age"] >= 0.9 and agree["gender"] >= 0.9  # the int8 file computes what QAT simulated
     assert "reduce_range" in OnnxClassifier(out / "agegender_int8.onnx").meta.quantization
 
 

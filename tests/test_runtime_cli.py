@@ -12,24 +12,17 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from contract_model import FACE_NAME, build_contract_model, face_on_canvas, isolate_runtime_env
+from fakedata import make_video
+from contract_model import FACE_NAME, build_contract_model, face_on_canvas
 
 from agegender.runtime import AGE_GROUPS, GENDERS
-from agegender.runtime import cli as cli_mod
 from agegender.runtime import pipeline as pipeline_mod
 from agegender.runtime.cli import CSV_COLUMNS, cli
 
 FACE_KEYS = ["box", "det_score", "age", "age_probs", "gender", "gender_score"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    isolate_runtime_env(monkeypatch, tmp_path / "cache")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return build_contract_model(tmp_path_factory.mktemp("m") / "contract.onnx", input_size=32)
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no user settings, no network
 
 
 def _write(path: Path, img: np.ndarray, *params) -> Path:
@@ -165,11 +158,7 @@ def test_exif_grey_rgba_and_16_bit_images(model, tmp_path):
 
 
 def test_video_every_n_frames(model, tmp_path):
-    path = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    for i in range(10):
-        writer.write(np.full((48, 64, 3), i * 20, np.uint8))
-    writer.release()
+    path = make_video(tmp_path / "clip.avi", 10)
     fake = tmp_path / "fake.mp4"
     fake.write_text("not a video")
     res = invoke(model, "--json", "--detector", "none", "--every", 4, path, fake)

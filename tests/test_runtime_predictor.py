@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from contract_model import build_contract_model, isolate_runtime_env, reference_probs
+from contract_model import build_contract_model, reference_probs
 
 from agegender.runtime import AGE_GROUPS, GENDERS, Predictor
 from agegender.runtime import predictor as predictor_mod
@@ -15,9 +15,7 @@ from agegender.runtime.model import ModelError
 from agegender.runtime.preprocess import prepare_face, prepare_precropped, to_input
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    isolate_runtime_env(monkeypatch, tmp_path / "cache")
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no user settings, no network
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from contract_model import build_contract_model, isolate_runtime_env
 
 from agegender.runtime import pipeline as pipeline_mod
 from agegender.runtime import predictor as predictor_mod
@@ -22,14 +21,7 @@ from agegender.runtime.detect import Detection, DetectorError
 from agegender.runtime.predictor import Predictor
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    isolate_runtime_env(monkeypatch, tmp_path / "cache")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return build_contract_model(tmp_path_factory.mktemp("m") / "contract.onnx", input_size=32)
+pytestmark = pytest.mark.usefixtures("offline")  # conftest: no user settings, no network
 
 
 class GridDetector:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..export.fakequant import FakeQuantized, conv_bn_pairs, fold_batchnorm, freeze_norms
+from ..export.fakequant import FakeQuantized, conv_bn_pairs, fold_batchnorm, freeze_norms, set_range
 from ..export.net import CheckpointError, load_checkpoint, net_from_checkpoint, save_checkpoint
 from ..runtime.datasets import is_holdout, label_arrays, read_dataset
 from ..runtime.metrics import age_gender_metrics
@@ -155,8 +155,7 @@ def run_qat(cfg: QatConfig) -> dict[str, Any]:
     assert best_state is not None
     net.load_state_dict(best_state)
     for name, (lo, hi) in best_ranges.items():
-        pp = fq.act[name].activation_post_process
-        pp.min_val, pp.max_val = torch.tensor(lo), torch.tensor(hi)
+        set_range(fq.act[name], lo, hi)
     final = {"val": metrics(net, s, s.val), "test": metrics(net, s, s.test) if len(s.test) else {}}
     labels = {"age": np.where(s.scored, s.age, -1), "gender": s.gender}
     calibration = calibrate(net, s.faces, s.val, labels)  # with the int8 scheme on: what the int8 file computes
