@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .labels import AGE_GROUPS, GENDERS
 
 
 def age_gender_metrics(age_true: np.ndarray | None, age_pred: np.ndarray | None,
