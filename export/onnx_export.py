@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from . import kernels, parity
 from .net import ProbsModel, load_checkpoint, net_from_checkpoint
-from .quantize import QuantizeError, QuantSettings, conv_input_ranges, describe_choice, preprocess, search
+from .quantize import QuantizeError, QuantSettings, describe_choice, preprocess, search
 from ..runtime.fsutil import atomic_path, write_json
 from ..runtime.labels import AGE_GROUPS, GENDERS
 from ..runtime.model import FORMAT_VERSION, ModelError, OnnxClassifier
@@ -337,10 +337,7 @@ def _quantize(cfg: ExportConfig, ckpt: dict[str, Any], test: parity.FaceSet, cal
         prep = wd / "prep.onnx"
         preprocess(cfg.fp32_path, prep)
         try:
-            ranges = None
-            if ckpt.get("qat"):  # the activation ranges the fine-tuning trained with, not re-calibrated ones
-                ranges = conv_input_ranges(prep, list(ckpt["qat"]["act_ranges"].values()))
-            res = search(prep, calib_faces, evaluate, settings, wd, auto=cfg.islands, ranges=ranges)
+            res = search(prep, calib_faces, evaluate, settings, wd, auto=cfg.islands)
         except QuantizeError as e:
             rep["int8"] = {"error": str(e), "written": False}
             raise

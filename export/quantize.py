@@ -303,26 +303,6 @@ def conv_noise(prep_path: Path, faces: np.ndarray, settings: QuantSettings, excl
     return out
 
 
-def range_overrides(ranges: dict[str, tuple[float, float]] | None) -> dict[str, Any] | None:
-    """onnxruntime's TensorQuantOverrides that fix these tensors' activation ranges (rmin, rmax)."""
-    if not ranges:
-        return None
-    return {"TensorQuantOverrides": {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                     for name, (lo, hi) in ranges.items()}}
-
-
-def conv_input_ranges(prep_path: Path, conv_ranges: list[tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """Map ranges given per conv in execution order (a quantization-aware checkpoint's) onto the input
-    tensors of the graph's Conv nodes, in graph order; empty when the counts differ."""
-    model = onnx.load(str(prep_path), load_external_data=False)
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    if len(convs) != len(conv_ranges):
-        log.warning("%d convs in the graph but %d trained ranges: calibrating every range instead",
-                    len(convs), len(conv_ranges))
-        return {}
-    return {n.input[0]: r for n, r in zip(convs, conv_ranges)}
-
-
 # --------------------------------------------------------------------------- search
 @dataclass
 class Attempt:
@@ -354,8 +334,7 @@ class SearchResult:
 
 
 def search(prep_path: Path, calib_faces: np.ndarray, evaluate: Callable[[Path], dict[str, Any]],
-           settings: QuantSettings, workdir: Path, auto: bool = True,
-           ranges: dict[str, tuple[float, float]] | None = None) -> SearchResult:
+           settings: QuantSettings, workdir: Path, auto: bool = True) -> SearchResult:
     """Quantize with growing float islands until ``evaluate(path)["passed"]``; keep every attempt's gate.
 
     With ``settings.calib_method == "auto"`` the plain rung is tried with MinMax and, if that fails,
@@ -368,8 +347,7 @@ def search(prep_path: Path, calib_faces: np.ndarray, evaluate: Callable[[Path], 
     def attempt(name: str, exclude: list[str], s: QuantSettings) -> Attempt:
         t = time.perf_counter()
         path = workdir / f"int8_{len(result.attempts)}_{name}.onnx"
-        quantize(prep_path, path, calib_faces, s, exclude, workdir / f"ranges_{s.calib_method}.json",
-                 range_overrides(ranges))
+        quantize(prep_path, path, calib_faces, s, exclude, workdir / f"ranges_{s.calib_method}.json")
         gate = evaluate(path)
         n_int8 = len(set(all_q) - set(exclude))
         a = Attempt(name, list(exclude), path, gate, time.perf_counter() - t, n_int8, s)
