@@ -20,6 +20,7 @@ from agegender.runtime.datasets import is_holdout, label_arrays, read_utkface
 from agegender.runtime.imageio import read_image
 from agegender.runtime.metrics import age_gender_metrics
 from agegender.runtime.model import OnnxClassifier
+from agegender.runtime import predictor as predictor_mod
 from agegender.runtime.predictor import default_model_path
 from agegender.runtime.preprocess import prepare_precropped, to_input
 
@@ -91,9 +92,13 @@ def test_logs_belong_to_the_shipped_model(shipped):
         result = json.loads((LOGS / f"fold{entry['fold']}" / "result.json").read_text())
         assert {k: result[k] for k in keys} == {k: entry[k] for k in keys}
         assert (LOGS / f"fold{entry['fold']}" / "train_log.txt").stat().st_size > 0
+    # the shipped model is the fold's model after quantization-aware fine-tuning (logs/qat/): it started
+    # from the fold's logged test result, and its metadata carries the fine-tuned model's own
     fold = int(meta.raw["checkpoint_fold"])
     test = json.loads((LOGS / f"fold{fold}" / "result.json").read_text())
-    assert {k: test[k] for k in keys} == {k: meta.metrics["test"][k] for k in keys}
+    qat = json.loads((LOGS / "qat" / "qat.json").read_text())
+    assert {k: test[k] for k in keys} == {k: qat["start_metrics"]["test"][k] for k in keys}
+    assert {k: qat["metrics"]["test"][k] for k in keys} == {k: meta.metrics["test"][k] for k in keys}
     for k in keys:
         values = [f[k] for f in summary["folds"]]
         assert summary["mean"][k] == pytest.approx(np.mean(values)) and summary["std"][k] == pytest.approx(np.std(values))
@@ -107,3 +112,24 @@ def test_docs_quote_the_logged_cross_validation():
     assert line in readme
     for k in ("age_exact", "age_1off", "gender_acc"):
         assert f"**{summary['mean'][k]:.3f} ± {summary['std'][k]:.3f}**" in card
+
+
+def test_the_fast_model_is_shipped_beside_the_default_and_selectable_by_name(shipped):
+    fast = shipped["int8"].with_name("agegender_fast_int8.onnx")
+    int8, fp32 = OnnxClassifier(fast).meta, OnnxClassifier(fast.with_name("agegender_fast_fp32.onnx")).meta
+    assert "mobilenetv3" in int8.arch and int8.arch == fp32.arch
+    assert "reduce_range" in int8.quantization and "GATE FAILED" not in int8.quantization  # passed without --force
+    gate = json.loads(int8.raw["int8_gate"])
+    assert gate["agreement"]["age"] >= 0.97 and gate["agreement"]["gender"] >= 0.99
+    assert predictor_mod.resolve_model_path("fast") == fast
+
+
+def test_the_default_int8_cannot_saturate_16_bit_kernels(shipped):
+    """7-bit weights (|q| <= 64): 255 x 64 x 2 < 32767, so AVX2-only CPUs answer like VNNI and ARM ones."""
+    import onnx
+    from onnx import numpy_helper
+
+    for name in ("agegender_int8.onnx", "agegender_fast_int8.onnx"):
+        model = onnx.load(str(shipped["int8"].with_name(name)))
+        weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert weights and max(int(abs(w.astype(int)).max()) for w in weights) <= 64, name
