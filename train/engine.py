@@ -35,7 +35,7 @@ from ..runtime.labels import AGE_GROUPS, GENDERS
 from ..runtime.metrics import confusion
 from .config import TrainConfig
 from .data import FaceDataset, train_transform
-from .evaluate import evaluate, predict, score_of  # noqa: F401 - predict: qat.py imports it from here
+from .evaluate import evaluate, score_of
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ both the new float weights and the checkpoint it started from (``qat.start_test_
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,11 @@ from tqdm import tqdm
 from ..export.fakequant import FakeQuantized, conv_bn_pairs, fold_batchnorm, freeze_norms, set_range
 from ..export.net import CheckpointError, load_checkpoint, net_from_checkpoint, save_checkpoint
 from ..runtime.datasets import is_holdout, label_arrays, read_dataset
-from ..runtime.metrics import age_gender_metrics
 from .calibrate import calibrate
 from .data import FaceDataset, build_cache, train_transform
-from .engine import _loss, predict, seed_everything
-from .run import split_train_val
+from .engine import _loss, seed_everything
+from .evaluate import evaluate, predict, score_of
+from .run import fold_split
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,7 @@ class QatConfig:
 
 @dataclass
 class Split:
+    records: list
     faces: np.ndarray
     age: np.ndarray
     gender: np.ndarray
@@ -79,26 +79,18 @@ def load_split(ckpt: dict[str, Any], cfg: QatConfig) -> Split:
     if not ok.any():
         raise CheckpointError(f"{root}: none of the {len(records)} images could be read")
     age, gender, scored = label_arrays(records)
-    folds = np.array([-1 if r.fold is None else r.fold for r in records])
     k = data.get("fold")
-    test = np.flatnonzero((folds == k) & ok) if k is not None else np.zeros(0, int)
-    rest = np.flatnonzero((folds != k) & ok)
-    tr, va = split_train_val(records, rest, cfg.val_frac, cfg.seed + (k or 0))
+    if k is None:
+        raise CheckpointError("the checkpoint names no test fold (trained on every fold): quantization-aware "
+                              "fine-tuning needs the fold split it was trained with")
+    tr, va, test = fold_split(records, ok, int(k), cfg.val_frac, cfg.seed)
     log.info("QAT data: %s; train %d, val %d, test %d", report.describe(), len(tr), len(va), len(test))
-    return Split(faces, age, gender, scored, tr, va, test)
+    return Split(records, faces, age, gender, scored, tr, va, test)
 
 
 def metrics(net: torch.nn.Module, s: Split, idx: np.ndarray) -> dict[str, float]:
-    probs = predict(net, s.faces, idx, torch.device("cpu"))
-    ap = probs["age"].argmax(1) if "age" in probs else None
-    gp = probs["gender"].argmax(1) if "gender" in probs else None
-    return age_gender_metrics(s.age[idx] if ap is not None else None, ap,
-                              s.gender[idx] if gp is not None else None, gp, s.scored[idx])
-
-
-def _score(m: dict[str, float]) -> float:
-    vals = [m[k] for k in ("age_exact", "age_1off", "gender_acc") if k in m and not math.isnan(m[k])]
-    return float(np.mean(vals)) if vals else 0.0
+    """The fold's metrics, computed as training and the export gate compute them."""
+    return evaluate(net, s.faces, s.records, idx, torch.device("cpu"))[0]
 
 
 def _epoch(net, fq: FakeQuantized, loader, opt, sched, smoothing: float, desc: str, progress: bool) -> float:
@@ -145,11 +137,11 @@ def run_qat(cfg: QatConfig) -> dict[str, Any]:
         loss = _epoch(net, fq, loader, opt, sched, cfg.label_smoothing, f"QAT epoch {epoch}", cfg.progress)
         val = metrics(net, s, s.val)
         history.append({"epoch": epoch, "loss": loss, **val, "seconds": round(time.time() - t, 1)})
-        better = _score(val) > best
+        better = score_of(val) > best
         log.info("QAT epoch %d/%d loss %.4f val %s | %.0fs%s", epoch, cfg.epochs, loss, _fmt(val), time.time() - t,
                  " *best*" if better else "")
         if better:
-            best = _score(val)
+            best = score_of(val)
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             best_ranges = fq.ranges()
     assert best_state is not None
