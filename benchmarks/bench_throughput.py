@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agegender.export import kernels
 from agegender.runtime.datasets import is_holdout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +61,13 @@ for path in paths:
 
 
 def cpu_flags() -> str:
-    """The SIMD flags that decide onnxruntime's int8 kernels (x86 VNNI, Arm dot product)."""
+    """The CPU model and the SIMD flags that decide onnxruntime's int8 kernels."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-    have = set(re.findall(r"\b\w+\b", " ".join(l for l in text.splitlines() if l.startswith(("flags", "Features")))))
     model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
-    return f"{model}; {' '.join(f for f in wanted if f in have) or 'none of ' + '/'.join(wanted)}"
+    return f"{model}; {' '.join(sorted(kernels.cpu_flags())) or 'no SIMD flag of interest'}"
 
 
 def holdout_faces(data: Path, n: int) -> list[Path]:

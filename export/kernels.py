@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.model import create_session
-from ..runtime.preprocess import to_input
+from .parity import predict_ort
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     words = set(text.split())
-    return {f for f in ("avx2", "avx512_vnni", "avx_vnni", "asimddp", "i8mm") if f in words}
+    return {f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in words}
 
 
 def host_kind() -> str:
@@ -66,15 +66,9 @@ def host_saturates() -> bool:
     return host_kind().startswith("x86 AVX2")
 
 
-def predict(model: str | os.PathLike, faces: np.ndarray, exact: bool = False, batch: int = 64) -> dict[str, np.ndarray]:
+def predict(model: str | os.PathLike, faces: np.ndarray, exact: bool = False) -> dict[str, np.ndarray]:
     """Outputs for uint8 faces [N, S, S, 3] at one thread (``exact``: no fused int8 kernels)."""
-    sess = create_session(model, threads=1, exact=exact)
-    names = [o.name for o in sess.get_outputs()]
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for s in range(0, len(faces), batch):
-        for n, v in zip(names, sess.run(names, {"image": to_input(faces[s:s + batch])})):
-            outs[n].append(v)
-    return {n: np.concatenate(v) for n, v in outs.items()}
+    return predict_ort(create_session(model, threads=1, exact=exact), faces, progress=False)
 
 
 def emulator() -> tuple[list[str] | None, str]:

@@ -24,24 +24,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from agegender.export.fakequant import conv_bn_pairs
 from agegender.export.net import AgeGenderNet, ModelArgs, make_checkpoint, save_checkpoint
-
-
-def _conv_order(net: AgeGenderNet, size: int) -> list[tuple[nn.Conv2d, nn.Module | None]]:
-    """Convs in execution order, each with the batch norm that runs right after it (or None)."""
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in net.modules()
-             if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-    with torch.no_grad():
-        net.eval()(torch.zeros(1, 3, size, size))
-    for h in hooks:
-        h.remove()
-    pairs = []
-    for i, m in enumerate(order):
-        if isinstance(m, nn.Conv2d):
-            nxt = order[i + 1] if i + 1 < len(order) else None
-            pairs.append((m, nxt if isinstance(nxt, nn.BatchNorm2d) else None))
-    return pairs
 
 
 def rebuild(onnx_path: str) -> tuple[AgeGenderNet, dict[str, str]]:
@@ -60,7 +44,7 @@ def rebuild(onnx_path: str) -> tuple[AgeGenderNet, dict[str, str]]:
                      std=tuple(map(float, std)))
     net = AgeGenderNet(args)
     convs = [n for n in nodes if n.op_type == "Conv"]
-    pairs = _conv_order(net, size)
+    pairs = [(conv, bn) for _, conv, bn in conv_bn_pairs(net, size)]
     if len(convs) != len(pairs):
         sys.exit(f"{onnx_path}: {len(convs)} convs in the file, {len(pairs)} in {args.arch}")
     with torch.no_grad():
