@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 
 from agegender.runtime.datasets import is_holdout, parse_utkface_name
-from agegender.runtime.detect import DEFAULT_MIN_FACE_SIZE, Detection, HaarDetector, Passes, YuNetDetector, nms
+from agegender.runtime.detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, Detection, HaarDetector, Passes, YuNetDetector, nms
+from agegender.runtime.yunet import CvYuNet
 
 SIZE_BINS = (16, 24, 40, 80, 160, 320, 640, 100_000)
 MATCH_IOU = 0.4
@@ -34,15 +35,28 @@ PHOTO_BACKGROUNDS = ("brick.png", "grass.png", "gravel.png", "coffee.png", "rock
 SCENE_SIZES = "640x480:28,1280x886:28,1920x1080:12,4000x3000:3"
 YUNET_SCHEMES: dict[str, Passes | None] = {  # None: the runtime before issue 14 (640 px, 320 px retry if none)
     "640, retry 320 (before)": None,
-    "640 + 320": Passes(640, 1.0, 640, 320),
-    "800 + 320": Passes(800, 1.0, 800, 320),
+    "L/4 in [640, 1024] + 320 (previous default)": Passes(640, 0.25, 1024, 320),
+    "L/4 in [640, 1024] + 320, OpenCV backend": Passes(640, 0.25, 1024, 320),
     "960 + 320": Passes(960, 1.0, 960, 320),
+    "L/3 in [896, 1280] + 320": Passes(896, 1 / 3, 1280, 320),
     "1280 + 320": Passes(1280, 1.0, 1280, 320),
-    "L/4 in [640, 1024] + 320": Passes(640, 0.25, 1024, 320),
-    "L/2 in [640, 1600] + 320": Passes(640, 0.5, 1600, 320),
-    "L/2 in [800, 1600] + 320": Passes(800, 0.5, 1600, 320),
-    "L/2 in [960, 2048] + 320": Passes(960, 0.5, 2048, 320),
+    "L/2 in [1280, 2048] + 320": Passes(1280, 0.5, 2048, 320),
 }
+# "before" ran cv2.FaceDetectorYN, one net re-sized for every pass; "OpenCV backend" rows too (with a net
+# per size); every other row runs the runtime's default backend (onnxruntime for a free-size export).
+
+
+class _OneCvNet:
+    """The runtime before: one cv2.FaceDetectorYN, ``setInputSize`` before every call."""
+
+    backend = "opencv, one net"
+
+    def __init__(self, path: Path, score_threshold: float, nms_threshold: float):
+        self.net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, 5000)
+
+    def detect(self, bgr: np.ndarray):
+        self.net.setInputSize((bgr.shape[1], bgr.shape[0]))
+        return self.net.detect(bgr)[1]
 
 
 @dataclass
@@ -68,6 +82,7 @@ class Tally:
     false: dict = field(default_factory=lambda: defaultdict(int))  # thr -> false faces
     ms: dict = field(default_factory=lambda: defaultdict(list))  # scene width -> ms per image
     cond: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(2, int)))  # (thr, cond) -> [hit, n]
+    by_width: dict = field(default_factory=lambda: defaultdict(lambda: np.zeros(2, int)))  # (thr, width) -> [hit, n]
 
 
 def holdout_faces(data: Path) -> list[tuple[Path, int, int]]:
@@ -235,26 +250,40 @@ def tally(t: Tally, by_thr: dict, scene: Scene, ms: float) -> None:
             if f.box[2] - f.box[0] >= 40:
                 for c in conditions(scene.kind, f):
                     t.cond[(thr, c)] += (o >= 0, 1)
+                t.by_width[(thr, scene.size[0])] += (o >= 0, 1)
     width = scene.size[0]
     t.ms[width].append(ms)
 
 
-def evaluate(scenes: list[Scene], yunet: Path | None, thresholds: list[float]) -> tuple[dict[str, Tally], dict]:
+def detectors(yunet: Path, thresholds: list[float], threads: int) -> dict[str, YuNetDetector]:
+    """One YuNetDetector per backend the schemes use (see YUNET_SCHEMES)."""
+    thr = min(thresholds)
+    runtime = YuNetDetector(yunet, score_threshold=thr, threads=threads)
+    before = YuNetDetector(yunet, score_threshold=thr, threads=threads)
+    before._net = _OneCvNet(yunet, thr, before.nms_threshold)
+    cv = YuNetDetector(yunet, score_threshold=thr, threads=threads)
+    cv._net = CvYuNet(yunet, thr, cv.nms_threshold)
+    return {name: before if scheme is None else cv if "OpenCV" in name else runtime
+            for name, scheme in YUNET_SCHEMES.items()}
+
+
+def evaluate(scenes: list[Scene], yunet: Path | None, thresholds: list[float],
+             threads: int = 1, with_haar: bool = True) -> tuple[dict[str, Tally], dict]:
     """Tallies per method (yunet schemes, haar) and the JPEG decode ms per scene width."""
     tallies: dict[str, Tally] = defaultdict(Tally)
     decode: dict[int, list[float]] = defaultdict(list)
-    yn = YuNetDetector(yunet, score_threshold=min(thresholds)) if yunet else None
-    haar = HaarDetector(min_size=24)
+    dets_by = detectors(yunet, thresholds, threads) if yunet else {}
+    haar = HaarDetector(min_size=24) if with_haar else None
     for scene in scenes:
         bgr, ms = timed(cv2.imdecode, np.frombuffer(scene.jpeg, np.uint8), cv2.IMREAD_COLOR)
         decode[scene.size[0]].append(ms)
         img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        if yn is not None:
-            for name, scheme in YUNET_SCHEMES.items():
-                by_thr, ms = yunet_candidates(yn, img, scheme, thresholds)
-                tally(tallies[f"yunet {name}"], by_thr, scene, ms)
-        dets, ms = timed(haar.detect, img)
-        tally(tallies["haar (1280 px, 5 neighbours)"], {1.0: dets}, scene, ms)
+        for name, scheme in YUNET_SCHEMES.items() if yunet else ():
+            by_thr, ms = yunet_candidates(dets_by[name], img, scheme, thresholds)
+            tally(tallies[f"yunet {name}"], by_thr, scene, ms)
+        if haar is not None:
+            dets, ms = timed(haar.detect, img)
+            tally(tallies["haar (1280 px, 5 neighbours)"], {1.0: dets}, scene, ms)
     return tallies, decode
 
 
@@ -287,6 +316,19 @@ def condition_table(tallies: dict[str, Tally]) -> list[str]:
         for thr in sorted(t.false):
             cells = [f"{t.cond[(thr, c)][0] / max(1, t.cond[(thr, c)][1]):.3f}" for c in CONDITIONS]
             lines.append(f"| {name} | {thr:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def width_table(tallies: dict[str, Tally], threshold: float) -> list[str]:
+    """Recall of faces >= 40 px by photo width, at one threshold."""
+    any_t = next(iter(tallies.values())).by_width
+    widths = sorted({w for (_, w) in any_t})
+    lines = ["| method | " + " | ".join(f"{w} px ({any_t[(threshold, w)][1]})" for w in widths) + " |",
+             "|---|" + "---|" * len(widths)]
+    for name, t in tallies.items():
+        thr = threshold if (threshold, widths[0]) in t.by_width else max(t.false)
+        lines.append(f"| {name} | " + " | ".join(f"{t.by_width[(thr, w)][0] / max(1, t.by_width[(thr, w)][1]):.3f}"
+                                                 for w in widths) + " |")
     return lines
 
 
@@ -339,19 +381,22 @@ def main() -> None:
     ap.add_argument("--scenes", default=SCENE_SIZES, help="WxH:count,... [%(default)s]")
     ap.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.9")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (1: fair timings)")
+    ap.add_argument("--threads", type=int, default=1, help="OpenCV and onnxruntime threads (1: fair timings)")
+    ap.add_argument("--no-haar", action="store_true", help="YuNet schemes only (Haar takes most of the time)")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
     args = ap.parse_args()
     cv2.setNumThreads(args.threads)
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
     scenes = make_scenes(args.data, args.scenes, args.seed, args.photos)
     n_faces = sum(len(s.faces) for s in scenes)
-    tallies, decode = evaluate(scenes, args.yunet, thresholds)
+    tallies, decode = evaluate(scenes, args.yunet, thresholds, args.threads, not args.no_haar)
     md = [f"{len(scenes)} scenes ({args.scenes}), {n_faces} faces, seed {args.seed}, {args.threads} OpenCV thread(s); "
           f"match: IoU >= {MATCH_IOU} with the pasted chip; detections < {DEFAULT_MIN_FACE_SIZE} px dropped.", "",
           "Recall by face side (px) and false faces per image:", "", *recall_table(tallies, len(scenes)), "",
           "Recall of faces >= 40 px by condition (faces; a face can be in several):", "",
           *condition_table(tallies), "",
+          f"Recall of faces >= 40 px by photo width (faces), threshold {DEFAULT_DET_THRESHOLD:g}:", "",
+          *width_table(tallies, DEFAULT_DET_THRESHOLD), "",
           "Mean time per image (detector only, after decoding):", "", *time_table(tallies, decode), "",
           "Real photos (licence-clear, shipped in pip packages):", "",
           *real_photo_check(args.yunet, args.photos, thresholds)]

@@ -26,11 +26,16 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
+from .yunet import CvYuNet, OrtYuNet, is_dynamic
+
 log = logging.getLogger(__name__)
 
 YUNET_URL = ("https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
-             "face_detection_yunet_2023mar.onnx")
-YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+             "face_detection_yunet_2026may.onnx")  # the 2023mar network with free height/width: runs on onnxruntime
+YUNET_SHA256 = "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
+# The file fetched before (fixed 640x640 input, so OpenCV's slower backend): still used when it is
+# what an offline device has in its cache.
+LEGACY_YUNET = ("face_detection_yunet_2023mar.onnx", "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4")
 HAAR_FILE = "haarcascade_frontalface_default.xml"
 DETECTORS = ("auto", "yunet", "haar", "none")
 AUTO_TIMEOUT_S = 5.0  # `auto` must not hang an offline device for long
@@ -39,9 +44,9 @@ FETCH_TIMEOUT_S = 60.0
 DEFAULT_DET_THRESHOLD = 0.7  # YuNet score: 0.9 missed real faces scoring 0.88-0.89; 0.6 let a landscape patch in
 DEFAULT_MIN_FACE_SIZE = 20  # pixels, shorter side: the one default of Predictor, the CLI and create_detector
 NMS_THRESHOLD = 0.3
-MAIN_MIN_SIDE = 640  # YuNet's main pass: long side = the image's / 4, within [640, 1024] (never upscaled):
-MAIN_SCALE = 0.25  # larger passes find more small faces but cost 2-5x the time on 1280-1920 px photos
-MAIN_MAX_SIDE = 1024  # bounds YuNet's time and memory on 12 MP+ photos
+MAIN_MIN_SIDE = 896  # YuNet's main pass: long side = the image's / 3, within [896, 1280] (never upscaled):
+MAIN_SCALE = 1 / 3  # 1280-px passes on 1280-1920 px photos find more small faces but cost ~2x the time
+MAIN_MAX_SIDE = 1280  # bounds YuNet's time and memory on 12 MP+ photos
 LARGE_FACE_SIDE = 320  # YuNet misses faces over ~300 px: a second, small pass finds them
 HAAR_LONG_SIDE = 1280
 MIN_INPUT_SIDE = 64
@@ -94,7 +99,7 @@ def cached_path(url: str | None = None) -> Path:
     return cache_dir() / name
 
 
-YUNET_SIZE = 232_589  # bytes of the file with YUNET_SHA256: a download of it may not be longer
+YUNET_SIZE = 229_738  # bytes of the file with YUNET_SHA256: a download of it may not be longer
 MAX_DETECTOR_BYTES = 32 * 2**20  # bound for another file (AGEGENDER_DETECTOR_SHA256 set)
 URL_SCHEMES = ("http", "https")
 
@@ -104,12 +109,16 @@ class _FetchRefused(Exception):
 
 
 def verified_cached_yunet() -> Path | None:
-    """The cached YuNet file when it is a regular file with the expected sha256, else None."""
+    """The cached YuNet file when it is a regular file with the expected sha256 (or, with the default
+    source, the previously fetched 2023mar file), else None."""
     import pooch
 
-    path = cached_path()
-    if path.is_file() and pooch.file_hash(str(path)) == detector_sha256():
-        return path
+    candidates = [(cached_path(), detector_sha256())]
+    if detector_url() == YUNET_URL and detector_sha256() == YUNET_SHA256:
+        candidates.append((cache_dir() / LEGACY_YUNET[0], LEGACY_YUNET[1]))
+    for path, sha in candidates:
+        if path.is_file() and pooch.file_hash(str(path)) == sha:
+            return path
     return None
 
 
@@ -237,7 +246,8 @@ class Passes:
 
 
 class YuNetDetector:
-    """OpenCV's YuNet (``cv2.FaceDetectorYN``) run at the sizes of ``passes``, merged by NMS.
+    """OpenCV Zoo's YuNet run at the sizes of ``passes``, merged by NMS (on onnxruntime when the
+    export allows it, else ``cv2.FaceDetectorYN``: see ``yunet.py``).
 
     ``det_score`` is YuNet's score of the pass that scored the face highest; because the passes
     are fixed fractions/sizes of the image, the same photo at another resolution gives (nearly)
@@ -247,26 +257,39 @@ class YuNetDetector:
     name = "yunet"
 
     def __init__(self, model_path: str | os.PathLike, score_threshold: float = DEFAULT_DET_THRESHOLD,
-                 nms_threshold: float = NMS_THRESHOLD, passes: Passes = Passes()):
+                 nms_threshold: float = NMS_THRESHOLD, passes: Passes = Passes(), threads: int | None = None):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise DetectorError(f"{self.model_path}: no such YuNet model file")
         self.score_threshold, self.nms_threshold, self.passes = float(score_threshold), float(nms_threshold), passes
-        try:
-            self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320),
-                                                  self.score_threshold, self.nms_threshold, 5000)
-        except cv2.error as e:
-            raise DetectorError(f"{self.model_path}: not a loadable YuNet model ({_cv_msg(e)})") from None
+        self._net = self._backend(threads)
+        self.backend = self._net.backend
         for probe in ((320, 240), (333, 250)):  # a model that cannot run at other sizes fails here, at setup
             self._run(np.zeros((probe[1], probe[0], 3), np.uint8))
+
+    def _backend(self, threads: int | None) -> OrtYuNet | CvYuNet:
+        """onnxruntime for an export with free height/width (faster), else OpenCV's FaceDetectorYN."""
+        from .model import create_session
+
+        try:
+            session = create_session(self.model_path, threads)
+        except Exception:  # noqa: BLE001 - onnxruntime raises several types; OpenCV gets its chance below
+            session = None
+        if session is not None and is_dynamic(session):
+            return OrtYuNet(session, self.score_threshold, self.nms_threshold)
+        try:
+            return CvYuNet(self.model_path, self.score_threshold, self.nms_threshold)
+        except cv2.error as e:
+            raise DetectorError(f"{self.model_path}: not a loadable YuNet model ({_cv_msg(e)})") from None
 
     def _run(self, bgr: np.ndarray) -> np.ndarray | None:
         h, w = bgr.shape[:2]
         try:
-            self._net.setInputSize((w, h))
-            return self._net.detect(bgr)[1]
-        except cv2.error as e:
-            raise DetectorError(f"{self.model_path}: YuNet cannot run on a {w}x{h} input ({_cv_msg(e)})") from None
+            out = self._net.detect(bgr)
+        except Exception as e:  # noqa: BLE001 - cv2.error or an onnxruntime error: one line for the user
+            msg = _cv_msg(e) if isinstance(e, cv2.error) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DetectorError(f"{self.model_path}: YuNet cannot run on a {w}x{h} input ({msg[:160]})") from None
+        return out
 
     def _detect_at(self, image: np.ndarray, long_side: int) -> list[Detection]:
         """Faces found on ``image`` shrunk to ``long_side``, in ``image`` pixels."""
@@ -362,11 +385,12 @@ def _given_model(model_path: str | os.PathLike | None) -> Path | None:
 
 def create_detector(name: str = "auto", model_path: str | os.PathLike | None = None,
                     min_face_size: int = DEFAULT_MIN_FACE_SIZE, score_threshold: float = DEFAULT_DET_THRESHOLD,
-                    timeout: float = AUTO_TIMEOUT_S) -> Detector:
+                    timeout: float = AUTO_TIMEOUT_S, threads: int | None = None) -> Detector:
     """Build a detector by name (auto, yunet, haar, none); raises DetectorError.
 
     ``auto``: YuNet if a file is given or a verified copy is cached, else try the fetch with a
-    short ``timeout``, else Haar with a warning that says how to get YuNet.
+    short ``timeout``, else Haar with a warning that says how to get YuNet. ``threads``: YuNet's
+    onnxruntime threads (None: all cores; OpenCV's backend follows ``cv2.setNumThreads``).
     """
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r} (choose from {', '.join(DETECTORS)})")
@@ -376,11 +400,11 @@ def create_detector(name: str = "auto", model_path: str | os.PathLike | None = N
         return HaarDetector(min_size=max(24, min_face_size))
     given = _given_model(model_path)
     if given is not None:
-        return YuNetDetector(given, score_threshold)
+        return YuNetDetector(given, score_threshold, threads=threads)
     if name == "yunet":
-        return YuNetDetector(fetch_yunet(), score_threshold)
+        return YuNetDetector(fetch_yunet(), score_threshold, threads=threads)
     try:  # a verified cached copy is used without any network access
-        return YuNetDetector(fetch_yunet(timeout=timeout), score_threshold)
+        return YuNetDetector(fetch_yunet(timeout=timeout), score_threshold, threads=threads)
     except DetectorError as e:
         log.warning("YuNet face detector unavailable (%s); falling back to OpenCV's Haar cascade, which misses "
                     "more faces. To use YuNet: %s", e, INSTALL_HINT)

@@ -137,7 +137,7 @@ class Predictor:
         self.meta = self.classifier.meta
         if isinstance(detector, str):
             detector = create_detector(detector, detector_model, min_face_size=min_face_size,
-                                       score_threshold=det_threshold)
+                                       score_threshold=det_threshold, threads=threads)
         self.detector = detector
         self.min_face_size = int(min_face_size)
         self.flip = bool(flip)

@@ -15,6 +15,7 @@ from agegender.runtime import Predictor
 from agegender.runtime.cli import cli
 from agegender.runtime.datasets import is_holdout, parse_utkface_name
 from agegender.runtime.detect import DetectorError, Passes, YuNetDetector, create_detector
+from agegender.runtime.yunet import CvYuNet, OrtYuNet
 
 SIDES = (150, 60, 120, 75, 95, 135, 85)  # seven faces, 60-150 px
 
@@ -74,7 +75,7 @@ def test_max_faces_keeps_the_largest(group_photo, yunet_model, model, tmp_path):
         Predictor(model, detector="none", max_faces=0)
 
 
-@pytest.mark.parametrize("long_side", [640, 2048])
+@pytest.mark.parametrize("long_side", [896, 2048])
 def test_det_score_does_not_depend_on_the_photo_resolution(group_photo, yunet_model, long_side):
     img, boxes = group_photo
     det = create_detector("yunet", yunet_model, score_threshold=0.5)
@@ -90,6 +91,8 @@ def test_passes_bound_the_input_size():
     p = Passes(640, 0.25, 1024, 320)
     assert p.sides(300) == [300]
     assert p.sides(1280) == [640, 320]
+    assert Passes().sides(640) == [640, 320] and Passes().sides(1280) == [896, 320]  # the defaults
+    assert Passes().sides(4000) == [1280, 320]
     assert p.sides(4000) == [1000, 320]
     assert p.sides(20_000) == [1024, 320]  # memory bounded on huge photos
 
@@ -97,24 +100,28 @@ def test_passes_bound_the_input_size():
 class _BrokenNet:
     """A cv2.FaceDetectorYN stand-in that fails on inputs wider than ``limit``."""
 
+    backend = "fake"
+
     def __init__(self, limit: int):
-        self.limit, self.size = limit, (0, 0)
+        self.limit = limit
 
-    def setInputSize(self, size):  # noqa: N802 - OpenCV's name
-        self.size = size
-
-    def detect(self, image):
-        if self.size[0] > self.limit:
+    def detect(self, bgr):
+        if bgr.shape[1] > self.limit:
             raise cv2.error("OpenCV(4.x) dnn: cannot allocate the blob for this input")
-        return 1, None
+        return None
 
 
 def test_yunet_that_cannot_run_at_a_size_is_an_error(yunet_model, monkeypatch, model, tmp_path):
     det = YuNetDetector(yunet_model)
     det._net = _BrokenNet(limit=500)
-    with pytest.raises(DetectorError, match="cannot run on a 640x"):
+    with pytest.raises(DetectorError, match="cannot run on a 896x"):
         det.detect(np.zeros((480, 1280, 3), np.uint8))
-    monkeypatch.setattr(cv2.FaceDetectorYN, "create", lambda *a: _BrokenNet(limit=0))
+
+    def fails(self, bgr):  # either backend, with its own kind of error
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code")
+
+    monkeypatch.setattr(OrtYuNet, "detect", fails)
+    monkeypatch.setattr(CvYuNet, "detect", fails)
     path = tmp_path / "a.png"
     cv2.imwrite(str(path), np.zeros((64, 64, 3), np.uint8))
     res = CliRunner().invoke(cli, [str(path), "--model", str(model), "--detector", "yunet",

@@ -137,7 +137,7 @@ def test_good_download_is_cached_verified_and_used(yunet_server, tmp_path):
 
 
 def test_wrong_checksum_is_rejected_and_not_cached(server, monkeypatch, tmp_path):
-    monkeypatch.setenv("AGEGENDER_DETECTOR_URL", server.url)  # expected: the real 2023mar file's sha256
+    monkeypatch.setenv("AGEGENDER_DETECTOR_URL", server.url)  # expected: the default YuNet file's sha256
     with pytest.raises(DetectorError, match="rejected: its sha256 differs"):
         fetch_yunet()
     cache = tmp_path / "cache"
