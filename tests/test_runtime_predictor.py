@@ -179,4 +179,6 @@ def test_not_an_onnx_file_is_refused(tmp_path):
 def test_threads_reach_the_onnxruntime_session(model):
     pred = Predictor(model, detector="none", threads=1)
     assert pred.classifier.session.get_session_options().intra_op_num_threads == 1
+    two = Predictor(model, detector="none", threads=2).classifier.session.get_session_options()
+    assert two.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # idle threads sleep
     assert Predictor(model, detector="none", threads=1).classifier is pred.classifier
