@@ -292,7 +292,7 @@ def _main(inputs: tuple[str, ...], fetch_detector: bool, options: dict[str, Any]
     """The command once its options are parsed: setup (exit 2 on failure), then the run."""
     if fetch_detector:
         try:
-            path = fetch_yunet()
+            path = fetch_yunet(upgrade=True)
         except DetectorError as e:
             raise SetupError(str(e)) from None
         click.echo(f"YuNet face detector ready (sha256 verified): {path}")

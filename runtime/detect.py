@@ -26,16 +26,17 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from .yunet import CvYuNet, OrtYuNet, is_dynamic
+from .yunet import CvYuNet, OrtYuNet, is_dynamic, is_yunet
 
 log = logging.getLogger(__name__)
 
 YUNET_URL = ("https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
-             "face_detection_yunet_2026may.onnx")  # the 2023mar network with free height/width: runs on onnxruntime
+             "face_detection_yunet_2026may.onnx")  # opencv_zoo: the 2023mar network re-exported with free height/width
 YUNET_SHA256 = "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
-# The file fetched before (fixed 640x640 input, so OpenCV's slower backend): still used when it is
-# what an offline device has in its cache.
+# The file fetched before (a fixed 640x640 input, so OpenCV's slower backend): still used when it is
+# what a device has in its cache, and still fetched from a mirror URL that names it.
 LEGACY_YUNET = ("face_detection_yunet_2023mar.onnx", "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4")
+KNOWN_SIZES = {YUNET_SHA256: 229_738, LEGACY_YUNET[1]: 232_589}  # bytes: a download of one may not be longer
 HAAR_FILE = "haarcascade_frontalface_default.xml"
 DETECTORS = ("auto", "yunet", "haar", "none")
 AUTO_TIMEOUT_S = 5.0  # `auto` must not hang an offline device for long
@@ -90,7 +91,11 @@ def detector_url() -> str:
 
 
 def detector_sha256() -> str:
-    return (os.environ.get("AGEGENDER_DETECTOR_SHA256") or YUNET_SHA256).lower()
+    """``AGEGENDER_DETECTOR_SHA256``, else the sha256 of the known YuNet file the URL names."""
+    given = os.environ.get("AGEGENDER_DETECTOR_SHA256")
+    if given:
+        return given.lower()
+    return LEGACY_YUNET[1] if cached_path().name == LEGACY_YUNET[0] else YUNET_SHA256
 
 
 def cached_path(url: str | None = None) -> Path:
@@ -99,7 +104,6 @@ def cached_path(url: str | None = None) -> Path:
     return cache_dir() / name
 
 
-YUNET_SIZE = 229_738  # bytes of the file with YUNET_SHA256: a download of it may not be longer
 MAX_DETECTOR_BYTES = 32 * 2**20  # bound for another file (AGEGENDER_DETECTOR_SHA256 set)
 URL_SCHEMES = ("http", "https")
 
@@ -108,18 +112,23 @@ class _FetchRefused(Exception):
     """A download cut off or rejected; the message completes "YuNet download from URL ..."."""
 
 
-def verified_cached_yunet() -> Path | None:
-    """The cached YuNet file when it is a regular file with the expected sha256 (or, with the default
-    source, the previously fetched 2023mar file), else None."""
+def _verified(path: Path, sha: str) -> Path | None:
     import pooch
 
-    candidates = [(cached_path(), detector_sha256())]
-    if detector_url() == YUNET_URL and detector_sha256() == YUNET_SHA256:
-        candidates.append((cache_dir() / LEGACY_YUNET[0], LEGACY_YUNET[1]))
-    for path, sha in candidates:
-        if path.is_file() and pooch.file_hash(str(path)) == sha:
-            return path
-    return None
+    return path if path.is_file() and pooch.file_hash(str(path)) == sha else None
+
+
+def _verified_legacy() -> Path | None:
+    """The previously fetched 2023mar file in the cache, when no other file is asked for by sha256."""
+    if os.environ.get("AGEGENDER_DETECTOR_SHA256"):
+        return None
+    return _verified(cache_dir() / LEGACY_YUNET[0], LEGACY_YUNET[1])
+
+
+def verified_cached_yunet() -> Path | None:
+    """The cached YuNet file when it is a regular file with the expected sha256 (else the previously
+    fetched 2023mar file, unless another file is asked for by sha256), or None."""
+    return _verified(cached_path(), detector_sha256()) or _verified_legacy()
 
 
 def _get(url: str, timeout: float, limit: int, cancel: threading.Event) -> bytes:
@@ -166,24 +175,39 @@ def _download(url: str, timeout: float, limit: int) -> bytes:
     return box["data"]  # type: ignore[return-value]
 
 
-def fetch_yunet(timeout: float = FETCH_TIMEOUT_S) -> Path:
+def fetch_yunet(timeout: float = FETCH_TIMEOUT_S, upgrade: bool = False) -> Path:
     """Download YuNet into the cache (once), verify its sha256 and return its path.
 
-    A download whose checksum differs is deleted, never cached. Raises DetectorError.
+    A cached verified file is used without any network access; with ``upgrade`` (``--fetch-detector``)
+    a cached 2023mar file does not stop the download of the current one, and is used only if that
+    download fails. A download whose checksum differs is deleted, never cached. Raises DetectorError.
     """
+    url, path = detector_url(), cached_path()
+    current = _verified(path, detector_sha256())
+    if current is not None:
+        return current
+    legacy = _verified_legacy()
+    if legacy is not None and not upgrade:
+        return legacy
+    try:
+        return _fetch(url, path, detector_sha256(), timeout)
+    except DetectorError as e:
+        if legacy is None:
+            raise
+        log.warning("%s; using the cached %s", e, legacy.name)
+        return legacy
+
+
+def _fetch(url: str, path: Path, expected: str, timeout: float) -> Path:
     import requests
 
-    url, expected, path = detector_url(), detector_sha256(), cached_path()
-    cached = verified_cached_yunet()
-    if cached is not None:
-        return cached
     scheme = urlsplit(url).scheme.lower()
     if scheme not in URL_SCHEMES:
         raise DetectorError(f"cannot download YuNet from {url}: unsupported URL scheme {scheme or 'none'!r} (http or "
                             f"https only; for a local file use --detector-model or AGEGENDER_DETECTOR_MODEL)")
     log.info("fetching the YuNet face detector from %s into %s", url, path.parent)
     try:
-        data = _download(url, timeout, YUNET_SIZE if expected == YUNET_SHA256 else MAX_DETECTOR_BYTES)
+        data = _download(url, timeout, KNOWN_SIZES.get(expected, MAX_DETECTOR_BYTES))
         _store_verified(data, path, expected)
     except _FetchRefused as e:
         raise DetectorError(f"YuNet download from {url} {e}; nothing was cached") from None
@@ -275,6 +299,10 @@ class YuNetDetector:
             session = create_session(self.model_path, threads)
         except Exception:  # noqa: BLE001 - onnxruntime raises several types; OpenCV gets its chance below
             session = None
+        if session is not None and not is_yunet(session):
+            outputs = [o.name for o in session.get_outputs()][:6]
+            raise DetectorError(f"{self.model_path}: not a YuNet model (its outputs are {outputs}; YuNet's are "
+                                f"cls_8, obj_8, bbox_8, kps_8, ...)")
         if session is not None and is_dynamic(session):
             return OrtYuNet(session, self.score_threshold, self.nms_threshold)
         try:
@@ -331,8 +359,9 @@ def nms(dets: list[Detection], score_threshold: float, nms_threshold: float = NM
 
 
 def _cv_msg(e: cv2.error) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[-1] if lines else "cv2.error")[:160]
+    """The informative last line of an OpenCV error (its text often ends with a lone ">")."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip() not in ("", ">")]
+    return (lines[-1] if lines else "cv2.error")[-160:]
 
 
 class HaarDetector:

@@ -3,9 +3,9 @@
 Both return what ``cv2.FaceDetectorYN.detect`` returns: float32 rows of x, y, w, h, five landmarks
 (x, y each: right eye, left eye, nose tip, mouth right, mouth left) and the score, best first.
 
-onnxruntime runs the same network about 1.6x faster than OpenCV's dnn module on one x86 core
-(benchmarks/README.md) and, unlike ``FaceDetectorYN``, needs no re-allocation when the input size
-changes between passes or photos. It needs a model whose input's height and width are symbolic
+onnxruntime runs the same network in about half the time OpenCV's dnn module takes on one x86
+core (benchmarks/README.md, face detection) and, unlike ``FaceDetectorYN``, needs no re-allocation
+when the input size changes between passes or photos. It needs a model whose input's height and width are symbolic
 (opencv_zoo's ``face_detection_yunet_2026may.onnx``); an export with a fixed 640x640 input
 (``2023mar``) runs through ``cv2.FaceDetectorYN``. The decoding below follows YuNet's published
 output layout (the ``FaceDetectorYN`` post-processing): per stride s of 8, 16 and 32, one row per
@@ -16,6 +16,7 @@ size = exp(log-size) x s, landmarks = (cell + offset) x s.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 
 import cv2
@@ -31,14 +32,15 @@ def padded(side: int) -> int:
     return ((max(1, side) - 1) // DIVISOR + 1) * DIVISOR
 
 
+def is_yunet(session) -> bool:
+    """Whether an onnxruntime session holds a YuNet export (one input, YuNet's 12 outputs)."""
+    return len(session.get_inputs()) == 1 and set(OUTPUTS) <= {o.name for o in session.get_outputs()}
+
+
 def is_dynamic(session) -> bool:
     """Whether an onnxruntime session holds a YuNet export whose height and width are free."""
-    inputs = session.get_inputs()
-    names = {o.name for o in session.get_outputs()}
-    if len(inputs) != 1 or not set(OUTPUTS) <= names:
-        return False
-    shape = inputs[0].shape
-    return len(shape) == 4 and not any(isinstance(s, int) for s in shape[2:])
+    shape = session.get_inputs()[0].shape
+    return is_yunet(session) and len(shape) == 4 and not any(isinstance(s, int) for s in shape[2:])
 
 
 class OrtYuNet:
@@ -57,8 +59,7 @@ class OrtYuNet:
             bgr = cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         blob = np.ascontiguousarray(bgr.transpose(2, 0, 1)[None], dtype=np.float32)
         outs = dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), {self._input: blob})))
-        rows = [self._decode(outs, s, pw // s) for s in STRIDES]
-        faces = np.concatenate(rows) if rows else np.zeros((0, 15), np.float32)
+        faces = np.concatenate([self._decode(outs, s, pw // s) for s in STRIDES])
         if len(faces) == 0:
             return None
         boxes = faces[:, :4].astype(np.int32).tolist()  # integer boxes, as FaceDetectorYN's NMS sees them
@@ -94,6 +95,7 @@ class CvYuNet:
     def __init__(self, model_path: str | os.PathLike, score_threshold: float, nms_threshold: float):
         self.model_path, self.score_threshold, self.nms_threshold = str(model_path), score_threshold, nms_threshold
         self._nets: OrderedDict[tuple[int, int], cv2.FaceDetectorYN] = OrderedDict()
+        self._lock = threading.Lock()  # a net is re-sized in place: one caller at a time
         self._net((320, 320))  # raises cv2.error for a file OpenCV cannot load
 
     def _net(self, size: tuple[int, int]) -> cv2.FaceDetectorYN:
@@ -108,4 +110,5 @@ class CvYuNet:
 
     def detect(self, bgr: np.ndarray) -> np.ndarray | None:
         h, w = bgr.shape[:2]
-        return self._net((w, h)).detect(bgr)[1]
+        with self._lock:
+            return self._net((w, h)).detect(bgr)[1]

@@ -319,6 +319,7 @@ def test_unusable_models_detectors_and_options_are_one_setup_error(model, tmp_pa
         assert res.exit_code == 2 and fragment in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = invoke(model, "--detector", "yunet", "--detector-model", model, a)  # our classifier is not YuNet
     assert res.exit_code == 2 and str(model) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "not a YuNet model" in res.stderr and "age_probs" in res.stderr  # says what the file is instead
     for value in ("nan", "inf", "-nan"):
         res = invoke(model, "--detector", "none", "--det-threshold", value, a)
         assert res.exit_code == 2 and "det-threshold" in res.stderr
@@ -381,7 +382,7 @@ def test_fetch_is_bounded_in_time_and_size(hostile_server, monkeypatch, tmp_path
         fetch_yunet(timeout=1.0)
     assert time.monotonic() - start < 30  # hang guard: each read arrives within the socket timeout
     monkeypatch.setenv("AGEGENDER_DETECTOR_URL", f"{hostile_server}/endless")
-    with pytest.raises(DetectorError, match=f"more than the expected {detect.YUNET_SIZE:,} bytes"):
+    with pytest.raises(DetectorError, match=f"more than the expected {detect.KNOWN_SIZES[detect.YUNET_SHA256]:,} bytes"):
         fetch_yunet(timeout=30.0)
     cache = tmp_path / "cache"
     assert not cache.exists() or list(cache.iterdir()) == []

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import logging
+import threading
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pooch
@@ -68,30 +74,87 @@ def test_a_fixed_size_export_runs_through_opencv_with_the_same_faces(yunet_model
         assert np.allclose(g.box, w.box, atol=0.05) and abs(g.score - w.score) < 1e-3
 
 
-def test_opencv_backend_keeps_one_net_per_recent_size(yunet_model):
+def test_opencv_backend_keeps_one_net_per_recent_size(yunet_model, monkeypatch):
+    created = []
+    real_create = cv2.FaceDetectorYN.create
+
+    def counting_create(*args):
+        created.append(args[2])
+        return real_create(*args)
+
+    monkeypatch.setattr(cv2.FaceDetectorYN, "create", counting_create)
     net = CvYuNet(yunet_model, 0.7, 0.3)
-    for w in (640, 320, 640, 320, 500, 400, 300, 640):
-        assert net.detect(np.zeros((w * 3 // 4, w, 3), np.uint8)) is None
-    assert len(net._nets) <= CvYuNet.KEEP and (640, 480) in net._nets
+    sizes = [(640, 480), (320, 240)] * 3  # a photo's two passes, three photos of one size
+    for w, h in sizes:
+        assert net.detect(np.zeros((h, w, 3), np.uint8)) is None
+    assert created == [(320, 320), (640, 480), (320, 240)]  # one net per size, then reused
+    kept = net._nets[(640, 480)]
+    for w in (500, 400, 300, 200):  # more sizes than KEEP: the least recently used one is re-sized
+        net.detect(np.zeros((w * 3 // 4, w, 3), np.uint8))
+    assert len(net._nets) == CvYuNet.KEEP and len(created) == 4 and (640, 480) not in net._nets
+    assert any(n is kept for n in net._nets.values())  # re-used in place, not re-created
 
 
-def test_a_previously_fetched_yunet_in_the_cache_is_still_used_offline(yunet_model, tmp_path, monkeypatch):
-    """Devices that fetched the earlier default file keep using it (with the default source only)."""
+def _cache_with_legacy(yunet_model, tmp_path, monkeypatch) -> Path:
+    """A cache holding an "earlier default" file (the test model under the 2023mar name)."""
     legacy_name = "face_detection_yunet_2023mar.onnx"
     monkeypatch.setattr(detect, "LEGACY_YUNET", (legacy_name, pooch.file_hash(str(yunet_model))))
     cache = tmp_path / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     (cache / legacy_name).write_bytes(yunet_model.read_bytes())
-    monkeypatch.delenv("AGEGENDER_DETECTOR_URL")  # the default source; the cached file means no network
+    return cache / legacy_name
+
+
+def test_a_previously_fetched_yunet_in_the_cache_is_still_used_offline(yunet_model, tmp_path, monkeypatch):
+    """Devices that fetched the earlier default file keep using it, without any network access."""
+    legacy = _cache_with_legacy(yunet_model, tmp_path, monkeypatch)
+    monkeypatch.delenv("AGEGENDER_DETECTOR_URL")  # the default source (unreachable here)
     assert not detect.cached_path().exists()
     det = create_detector("auto")
-    assert det.name == "yunet" and det.model_path == cache / legacy_name
-    monkeypatch.setenv("AGEGENDER_DETECTOR_URL", "http://127.0.0.1:9/other.onnx")
-    assert detect.verified_cached_yunet() is None  # another source: only its own file counts
-    monkeypatch.delenv("AGEGENDER_DETECTOR_URL")
-    assert detect.verified_cached_yunet() == cache / legacy_name
-    (cache / legacy_name).write_bytes(b"tampered")
+    assert det.name == "yunet" and det.model_path == legacy
+    assert create_detector("yunet").model_path == legacy
+    monkeypatch.setenv("AGEGENDER_DETECTOR_SHA256", "0" * 64)  # another file asked for by sha256
     assert detect.verified_cached_yunet() is None
+    monkeypatch.delenv("AGEGENDER_DETECTOR_SHA256")
+    legacy.write_bytes(b"tampered")
+    assert detect.verified_cached_yunet() is None
+
+
+def test_a_mirror_of_the_earlier_file_is_checked_against_its_own_sha256(monkeypatch):
+    monkeypatch.setenv("AGEGENDER_DETECTOR_URL", "http://mirror.local/face_detection_yunet_2023mar.onnx")
+    assert detect.detector_sha256() == detect.LEGACY_YUNET[1]
+    assert detect.KNOWN_SIZES[detect.detector_sha256()] == 232_589
+    monkeypatch.setenv("AGEGENDER_DETECTOR_URL", "http://mirror.local/face_detection_yunet_2026may.onnx")
+    assert detect.detector_sha256() == detect.YUNET_SHA256
+
+
+def test_fetch_detector_upgrades_a_legacy_cache_and_keeps_it_when_offline(yunet_model, tmp_path, monkeypatch,
+                                                                         caplog):
+    legacy = _cache_with_legacy(yunet_model, tmp_path, monkeypatch)
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "face_detection_yunet_2026may.onnx").write_bytes(yunet_model.read_bytes())
+    handler = functools.partial(QuietHandler, directory=str(www))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/face_detection_yunet_2026may.onnx"
+    monkeypatch.setenv("AGEGENDER_DETECTOR_URL", url)
+    monkeypatch.setattr(detect, "YUNET_SHA256", pooch.file_hash(str(yunet_model)))
+    try:
+        assert detect.fetch_yunet() == legacy  # plain use: the cached file, no download
+        assert detect.fetch_yunet(upgrade=True) == tmp_path / "cache" / "face_detection_yunet_2026may.onnx"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    (tmp_path / "cache" / "face_detection_yunet_2026may.onnx").unlink()
+    with caplog.at_level(logging.WARNING, logger="agegender"):
+        assert detect.fetch_yunet(upgrade=True, timeout=5) == legacy  # server gone: the cached file still works
+    assert "using the cached face_detection_yunet_2023mar.onnx" in caplog.text
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 def test_threads_reach_the_onnxruntime_session(yunet_model):
