@@ -24,7 +24,8 @@ import numpy as np
 from agegender.runtime.datasets import is_holdout, label_arrays, read_utkface
 from agegender.runtime.imageio import read_image
 from agegender.runtime.labels import AGE_GROUPS, GENDERS, age_to_group
-from agegender.runtime.metrics import age_gender_metrics, calibration_error, confusion, per_class_accuracy
+from agegender.runtime.metrics import (age_gender_metrics, calibration_error, calibration_error_floor, confusion,
+                                      per_class_accuracy)
 from agegender.runtime.model import OnnxClassifier
 from agegender.runtime.preprocess import prepare_precropped, to_input
 
@@ -55,6 +56,8 @@ def report(name: str, at, ap, gt, gp, scored, ms: float | None, eth=None, probs=
                  "gender_acc": interval95(m["gender_acc"], m["n_gender"])}
     if probs is not None:
         m["ece"] = {"age": calibration_error(probs[0], at, mask=scored), "gender": calibration_error(probs[1], gt)}
+        m["ece_floor"] = {"age": calibration_error_floor(probs[0], at, mask=scored),
+                          "gender": calibration_error_floor(probs[1], gt)}
     m["per_age_group"] = per_class_accuracy(confusion(at, ap, 8, scored), AGE_GROUPS)
     m["gender_by_true"] = per_class_accuracy(confusion(gt, gp, 2), GENDERS)
     m["age_exact_by_gender"] = {g: _subset_metrics(at, ap, gt, gp, scored, gt == i)["age_exact"]
@@ -140,6 +143,15 @@ def main() -> None:
               + (f"{ece['age']:.3f} / {ece['gender']:.3f}" if ece else "-") + " | "
               + (f"{agree['age']:.3f} / {agree['gender']:.3f}" if agree else "-") + " | "
               + ("-" if m["ms_per_face"] is None else f"{m['ms_per_face']:.2f}") + " |")
+    floors = [m for m in results if m.get("ece_floor")]
+    if floors:
+        print("\nECE a perfectly calibrated model with the same confidences would show on these faces "
+              "(mean / 95th percentile of 1000 draws):")
+        print("| model | ECE age: measured, floor mean / p95 | ECE gender: measured, floor mean / p95 |")
+        print("|---|---|---|")
+        for m in floors:
+            cells = [f"{m['ece'][h]:.3f}, {m['ece_floor'][h][0]:.3f} / {m['ece_floor'][h][1]:.3f}" for h in ("age", "gender")]
+            print(f"| {m['name']} | " + " | ".join(cells) + " |")
     print("\nper age group (exact):")
     print("| model | " + " | ".join(AGE_GROUPS) + " | male gender | female gender |")
     print("|---|" + "---|" * 10)

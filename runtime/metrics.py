@@ -51,18 +51,19 @@ def per_class_accuracy(cm: np.ndarray, names: tuple[str, ...]) -> dict[str, floa
 
 
 
-def calibration_error(probs: np.ndarray, true: np.ndarray, bins: int = 10,
-                      mask: np.ndarray | None = None) -> float:
-    """Expected calibration error: top-1 confidence vs accuracy over ``bins`` equal-width bins, weighted
-    by the share of faces in each (labelled faces only; NaN when there are none)."""
+def _top1(probs: np.ndarray, true: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 confidence, top-1 right) of the labelled (and masked-in) faces."""
     t = np.asarray(true)
     keep = t >= 0
     if mask is not None:
         keep &= np.asarray(mask, bool)
-    if not keep.any():
-        return float("nan")
     p = np.asarray(probs)[keep]
-    conf, right = p.max(1), (p.argmax(1) == t[keep])
+    return p.max(1), p.argmax(1) == t[keep]
+
+
+def _ece(conf: np.ndarray, right: np.ndarray, bins: int) -> float:
+    if len(conf) == 0:
+        return float("nan")
     which = np.minimum((conf * bins).astype(int), bins - 1)
     total = 0.0
     for b in range(bins):
@@ -70,3 +71,25 @@ def calibration_error(probs: np.ndarray, true: np.ndarray, bins: int = 10,
         if sel.any():
             total += sel.mean() * abs(conf[sel].mean() - right[sel].mean())
     return float(total)
+
+
+def calibration_error(probs: np.ndarray, true: np.ndarray, bins: int = 10,
+                      mask: np.ndarray | None = None) -> float:
+    """Expected calibration error: top-1 confidence vs accuracy over ``bins`` equal-width bins, weighted
+    by the share of faces in each (labelled faces only; NaN when there are none)."""
+    return _ece(*_top1(probs, true, mask), bins)
+
+
+def calibration_error_floor(probs: np.ndarray, true: np.ndarray, bins: int = 10, mask: np.ndarray | None = None,
+                            draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """The ECE a perfectly calibrated model with these confidences would show on this many faces
+    (each face right with probability = its confidence), as (mean, 95th percentile) over ``draws``.
+
+    ECE is biased upwards on a finite sample: a measured ECE within this range cannot be told apart
+    from perfect calibration at this sample size."""
+    conf, _ = _top1(probs, true, mask)
+    if len(conf) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    sims = [_ece(conf, rng.random(len(conf)) < conf, bins) for _ in range(draws)]
+    return float(np.mean(sims)), float(np.percentile(sims, 95))
