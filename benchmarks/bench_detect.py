@@ -16,6 +16,7 @@ no neighbouring bodies): read recall here as an upper bound.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,16 +34,17 @@ MATCH_IOU = 0.4
 # scikit-image data files with a clear licence (CC0 or public domain, per skimage.data's docstrings), no people
 PHOTO_BACKGROUNDS = ("brick.png", "grass.png", "gravel.png", "coffee.png", "rocket.jpg", "chelsea.png")
 SCENE_SIZES = "640x480:28,1280x886:28,1920x1080:12,4000x3000:3"
-YUNET_SCHEMES: dict[str, Passes | None] = {  # None: the runtime before issue 14 (640 px, 320 px retry if none)
-    "640, retry 320 (before)": None,
-    "L/4 in [640, 1024] + 320 (previous default)": Passes(640, 0.25, 1024, 320),
-    "L/4 in [640, 1024] + 320, OpenCV backend": Passes(640, 0.25, 1024, 320),
-    "960 + 320": Passes(960, 1.0, 960, 320),
-    "L/3 in [896, 1280] + 320": Passes(896, 1 / 3, 1280, 320),
-    "1280 + 320": Passes(1280, 1.0, 1280, 320),
-    "L/2 in [1280, 2048] + 320": Passes(1280, 0.5, 2048, 320),
+YUNET_SCHEMES: dict[str, tuple[Passes | None, bool]] = {  # (passes, dark photos brightened)
+    "640, retry 320 (before)": (None, False),  # the runtime before issue 14 (640 px, 320 px retry if none)
+    "L/4 in [640, 1024] + 320 (previous default)": (Passes(640, 0.25, 1024, 320), False),
+    "L/4 in [640, 1024] + 320, OpenCV backend": (Passes(640, 0.25, 1024, 320), False),
+    "960 + 320": (Passes(960, 1.0, 960, 320), False),
+    "L/3 in [896, 1280] + 320": (Passes(896, 1 / 3, 1280, 320), False),
+    "L/3 in [896, 1280] + 320, dark brightened": (Passes(896, 1 / 3, 1280, 320), True),
+    "1280 + 320": (Passes(1280, 1.0, 1280, 320), False),
+    "1280 + 320, dark brightened": (Passes(1280, 1.0, 1280, 320), True),
 }
-# "before" ran cv2.FaceDetectorYN, one net re-sized for every pass; "OpenCV backend" rows too (with a net
+# "before" ran cv2.FaceDetectorYN, one net re-sized for every pass; the "OpenCV backend" row too (with a net
 # per size); every other row runs the runtime's default backend (onnxruntime for a free-size export).
 
 
@@ -256,15 +258,19 @@ def tally(t: Tally, by_thr: dict, scene: Scene, ms: float) -> None:
 
 
 def detectors(yunet: Path, thresholds: list[float], threads: int) -> dict[str, YuNetDetector]:
-    """One YuNetDetector per backend the schemes use (see YUNET_SCHEMES)."""
+    """One YuNetDetector per scheme (see YUNET_SCHEMES), sharing the runtime's backend where they can."""
     thr = min(thresholds)
     runtime = YuNetDetector(yunet, score_threshold=thr, threads=threads)
-    before = YuNetDetector(yunet, score_threshold=thr, threads=threads)
-    before._net = _OneCvNet(yunet, thr, before.nms_threshold)
-    cv = YuNetDetector(yunet, score_threshold=thr, threads=threads)
-    cv._net = CvYuNet(yunet, thr, cv.nms_threshold)
-    return {name: before if scheme is None else cv if "OpenCV" in name else runtime
-            for name, scheme in YUNET_SCHEMES.items()}
+    out = {}
+    for name, (scheme, brighten) in YUNET_SCHEMES.items():
+        det = copy.copy(runtime)
+        det.brighten = brighten
+        if scheme is None:
+            det._net = _OneCvNet(yunet, thr, det.nms_threshold)
+        elif "OpenCV" in name:
+            det._net = CvYuNet(yunet, thr, det.nms_threshold)
+        out[name] = det
+    return out
 
 
 def evaluate(scenes: list[Scene], yunet: Path | None, thresholds: list[float],
@@ -278,7 +284,7 @@ def evaluate(scenes: list[Scene], yunet: Path | None, thresholds: list[float],
         bgr, ms = timed(cv2.imdecode, np.frombuffer(scene.jpeg, np.uint8), cv2.IMREAD_COLOR)
         decode[scene.size[0]].append(ms)
         img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        for name, scheme in YUNET_SCHEMES.items() if yunet else ():
+        for name, (scheme, _) in YUNET_SCHEMES.items() if yunet else ():
             by_thr, ms = yunet_candidates(dets_by[name], img, scheme, thresholds)
             tally(tallies[f"yunet {name}"], by_thr, scene, ms)
         if haar is not None:
@@ -359,13 +365,13 @@ def real_photo_check(yunet: Path | None, photo_dir: Path | None, thresholds: lis
     known = {p: n for p, n in known.items() if p.is_file()}
     if not known or yunet is None:
         return ["(no real photos reachable)"]
-    yn = YuNetDetector(yunet, score_threshold=min(thresholds))
+    dets_by = detectors(yunet, thresholds, 1)
     lines = ["| photo (expected faces) | " + " | ".join(YUNET_SCHEMES) + " |", "|---|" + "---|" * len(YUNET_SCHEMES)]
     for path, n in known.items():
         img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         cells = []
-        for scheme in YUNET_SCHEMES.values():
-            by_thr, _ = yunet_candidates(yn, img, scheme, thresholds)
+        for name, (scheme, _) in YUNET_SCHEMES.items():
+            by_thr, _ = yunet_candidates(dets_by[name], img, scheme, thresholds)
             counts = [len(runtime_filter(by_thr[t])) for t in thresholds]
             cells.append("/".join(map(str, counts)))
         lines.append(f"| {path.name} ({n}) | " + " | ".join(cells) + " |")

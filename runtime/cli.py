@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from .. import __version__
-from .detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, DETECTORS, DetectorError, fetch_yunet
+from .detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, DETECTORS
+from .fetch import DetectorError, fetch_yunet
 from .fsutil import atomic_open, write_error_line
 from .imageio import IMAGE_EXTS
 from .model import ModelError

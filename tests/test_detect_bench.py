@@ -14,7 +14,7 @@ from contract_model import build_contract_model, iou
 from agegender.runtime import Predictor
 from agegender.runtime.cli import cli
 from agegender.runtime.datasets import is_holdout, parse_utkface_name
-from agegender.runtime.detect import DetectorError, Passes, YuNetDetector, create_detector
+from agegender.runtime.detect import DetectorError, Passes, YuNetDetector, brightened, create_detector
 from agegender.runtime.yunet import CvYuNet, OrtYuNet
 
 SIDES = (150, 60, 120, 75, 95, 135, 85)  # seven faces, 60-150 px
@@ -127,3 +127,16 @@ def test_yunet_that_cannot_run_at_a_size_is_an_error(yunet_model, monkeypatch, m
     res = CliRunner().invoke(cli, [str(path), "--model", str(model), "--detector", "yunet",
                                    "--detector-model", str(yunet_model)])
     assert res.exit_code == 2 and "cannot run on a 320x240 input" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_dark_photo_is_brightened_before_detection(group_photo, yunet_model):
+    img, boxes = group_photo
+    assert brightened(img) is img  # a normally exposed photo is left as it is
+    dark = np.clip(cv2.convertScaleAbs(img, alpha=0.08) + np.random.default_rng(0).normal(0, 4, img.shape),
+                   0, 255).astype(np.uint8)  # a night shot: sensor noise, the brightest pixels at ~20
+    lifted = brightened(dark)
+    assert lifted is not dark and np.percentile(lifted, 99.5) > 4 * np.percentile(dark, 99.5)  # gain capped at 6
+    found = _matched(YuNetDetector(yunet_model).detect(dark), boxes)
+    plain = _matched(YuNetDetector(yunet_model, brighten=False).detect(dark), boxes)
+    assert all(m is not None for m in found)
+    assert sum(m is not None for m in plain) < len(boxes)  # without it, faces of this dark photo are lost

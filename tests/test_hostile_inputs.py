@@ -28,9 +28,9 @@ from click.testing import CliRunner
 from fakedata import make_video
 from contract_model import build_contract_model
 
-from agegender.runtime import detect
+from agegender.runtime import fetch
 from agegender.runtime.cli import cli
-from agegender.runtime.detect import DetectorError, fetch_yunet
+from agegender.runtime.fetch import DetectorError, fetch_yunet
 from agegender.runtime.imageio import ImageError, read_image, read_input
 
 HANG_GUARD_S = 120  # a subprocess still running after this is a hang, whatever the machine's load
@@ -382,7 +382,7 @@ def test_fetch_is_bounded_in_time_and_size(hostile_server, monkeypatch, tmp_path
         fetch_yunet(timeout=1.0)
     assert time.monotonic() - start < 30  # hang guard: each read arrives within the socket timeout
     monkeypatch.setenv("AGEGENDER_DETECTOR_URL", f"{hostile_server}/endless")
-    with pytest.raises(DetectorError, match=f"more than the expected {detect.KNOWN_SIZES[detect.YUNET_SHA256]:,} bytes"):
+    with pytest.raises(DetectorError, match=f"more than the expected {fetch.KNOWN_SIZES[fetch.YUNET_SHA256]:,} bytes"):
         fetch_yunet(timeout=30.0)
     cache = tmp_path / "cache"
     assert not cache.exists() or list(cache.iterdir()) == []

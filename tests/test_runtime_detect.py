@@ -15,9 +15,10 @@ import pytest
 from click.testing import CliRunner
 from contract_model import FACE_NAME, face_on_canvas, iou, isolate_runtime_env
 
-from agegender.runtime import detect
+from agegender.runtime import fetch
 from agegender.runtime.cli import cli
-from agegender.runtime.detect import DetectorError, create_detector, fetch_yunet
+from agegender.runtime.detect import create_detector
+from agegender.runtime.fetch import DetectorError, fetch_yunet
 
 SHARED_YUNET_SHA256 = "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
 
@@ -167,10 +168,10 @@ def test_auto_with_a_bad_checksum_falls_back_and_caches_nothing(server, monkeypa
 
 def test_a_tampered_cached_file_is_not_used(yunet_server):
     server = yunet_server
-    cached = detect.cached_path()
+    cached = fetch.cached_path()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"tampered")
-    assert detect.verified_cached_yunet() is None
+    assert fetch.verified_cached_yunet() is None
     assert create_detector("auto").name == "yunet"  # fetched again, verified
     assert pooch.file_hash(str(cached)) == SHARED_YUNET_SHA256 and len(server.hits) == 1
 

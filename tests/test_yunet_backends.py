@@ -14,7 +14,7 @@ import pooch
 import pytest
 from contract_model import isolate_runtime_env
 
-from agegender.runtime import detect
+from agegender.runtime import detect, fetch
 from agegender.runtime.detect import YuNetDetector, create_detector
 from agegender.runtime.yunet import CvYuNet, OrtYuNet
 
@@ -98,7 +98,7 @@ def test_opencv_backend_keeps_one_net_per_recent_size(yunet_model, monkeypatch):
 def _cache_with_legacy(yunet_model, tmp_path, monkeypatch) -> Path:
     """A cache holding an "earlier default" file (the test model under the 2023mar name)."""
     legacy_name = "face_detection_yunet_2023mar.onnx"
-    monkeypatch.setattr(detect, "LEGACY_YUNET", (legacy_name, pooch.file_hash(str(yunet_model))))
+    monkeypatch.setattr(fetch, "LEGACY_YUNET", (legacy_name, pooch.file_hash(str(yunet_model))))
     cache = tmp_path / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     (cache / legacy_name).write_bytes(yunet_model.read_bytes())
@@ -109,23 +109,23 @@ def test_a_previously_fetched_yunet_in_the_cache_is_still_used_offline(yunet_mod
     """Devices that fetched the earlier default file keep using it, without any network access."""
     legacy = _cache_with_legacy(yunet_model, tmp_path, monkeypatch)
     monkeypatch.delenv("AGEGENDER_DETECTOR_URL")  # the default source (unreachable here)
-    assert not detect.cached_path().exists()
+    assert not fetch.cached_path().exists()
     det = create_detector("auto")
     assert det.name == "yunet" and det.model_path == legacy
     assert create_detector("yunet").model_path == legacy
     monkeypatch.setenv("AGEGENDER_DETECTOR_SHA256", "0" * 64)  # another file asked for by sha256
-    assert detect.verified_cached_yunet() is None
+    assert fetch.verified_cached_yunet() is None
     monkeypatch.delenv("AGEGENDER_DETECTOR_SHA256")
     legacy.write_bytes(b"tampered")
-    assert detect.verified_cached_yunet() is None
+    assert fetch.verified_cached_yunet() is None
 
 
 def test_a_mirror_of_the_earlier_file_is_checked_against_its_own_sha256(monkeypatch):
     monkeypatch.setenv("AGEGENDER_DETECTOR_URL", "http://mirror.local/face_detection_yunet_2023mar.onnx")
-    assert detect.detector_sha256() == detect.LEGACY_YUNET[1]
-    assert detect.KNOWN_SIZES[detect.detector_sha256()] == 232_589
+    assert fetch.detector_sha256() == fetch.LEGACY_YUNET[1]
+    assert fetch.KNOWN_SIZES[fetch.detector_sha256()] == 232_589
     monkeypatch.setenv("AGEGENDER_DETECTOR_URL", "http://mirror.local/face_detection_yunet_2026may.onnx")
-    assert detect.detector_sha256() == detect.YUNET_SHA256
+    assert fetch.detector_sha256() == fetch.YUNET_SHA256
 
 
 def test_fetch_detector_upgrades_a_legacy_cache_and_keeps_it_when_offline(yunet_model, tmp_path, monkeypatch,
@@ -139,16 +139,16 @@ def test_fetch_detector_upgrades_a_legacy_cache_and_keeps_it_when_offline(yunet_
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/face_detection_yunet_2026may.onnx"
     monkeypatch.setenv("AGEGENDER_DETECTOR_URL", url)
-    monkeypatch.setattr(detect, "YUNET_SHA256", pooch.file_hash(str(yunet_model)))
+    monkeypatch.setattr(fetch, "YUNET_SHA256", pooch.file_hash(str(yunet_model)))
     try:
-        assert detect.fetch_yunet() == legacy  # plain use: the cached file, no download
-        assert detect.fetch_yunet(upgrade=True) == tmp_path / "cache" / "face_detection_yunet_2026may.onnx"
+        assert fetch.fetch_yunet() == legacy  # plain use: the cached file, no download
+        assert fetch.fetch_yunet(upgrade=True) == tmp_path / "cache" / "face_detection_yunet_2026may.onnx"
     finally:
         httpd.shutdown()
         httpd.server_close()
     (tmp_path / "cache" / "face_detection_yunet_2026may.onnx").unlink()
     with caplog.at_level(logging.WARNING, logger="agegender"):
-        assert detect.fetch_yunet(upgrade=True, timeout=5) == legacy  # server gone: the cached file still works
+        assert fetch.fetch_yunet(upgrade=True, timeout=5) == legacy  # server gone: the cached file still works
     assert "using the cached face_detection_yunet_2023mar.onnx" in caplog.text
 
 
