@@ -41,6 +41,7 @@ YUNET_SCHEMES: dict[str, tuple[Passes | None, bool]] = {  # (passes, dark photos
     "960 + 320": (Passes(960, 1.0, 960, 320), False),
     "L/3 in [896, 1280] + 320": (Passes(896, 1 / 3, 1280, 320), False),
     "L/3 in [896, 1280] + 320, dark brightened": (Passes(896, 1 / 3, 1280, 320), True),
+    "L/3 in [832, 1280] + 320, dark brightened": (Passes(832, 1 / 3, 1280, 320), True),
     "1280 + 320": (Passes(1280, 1.0, 1280, 320), False),
     "1280 + 320, dark brightened": (Passes(1280, 1.0, 1280, 320), True),
 }
