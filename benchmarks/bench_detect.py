@@ -397,7 +397,7 @@ def main() -> None:
     scenes = make_scenes(args.data, args.scenes, args.seed, args.photos)
     n_faces = sum(len(s.faces) for s in scenes)
     tallies, decode = evaluate(scenes, args.yunet, thresholds, args.threads, not args.no_haar)
-    md = [f"{len(scenes)} scenes ({args.scenes}), {n_faces} faces, seed {args.seed}, {args.threads} OpenCV thread(s); "
+    md = [f"{len(scenes)} scenes ({args.scenes}), {n_faces} faces, seed {args.seed}, {args.threads} thread(s) (OpenCV, onnxruntime); "
           f"match: IoU >= {MATCH_IOU} with the pasted chip; detections < {DEFAULT_MIN_FACE_SIZE} px dropped.", "",
           "Recall by face side (px) and false faces per image:", "", *recall_table(tallies, len(scenes)), "",
           "Recall of faces >= 40 px by condition (faces; a face can be in several):", "",

@@ -110,7 +110,7 @@ class YuNetDetector:
         if not self.model_path.is_file():
             raise DetectorError(f"{self.model_path}: no such YuNet model file")
         self.score_threshold, self.nms_threshold, self.passes = float(score_threshold), float(nms_threshold), passes
-        self.brighten = bool(brighten)  # dark photos are stretched before detection (see ``brightened``)
+        self.brighten = bool(brighten)  # dark photos are stretched before detection (see ``dark_gain``)
         self._net = self._backend(threads)
         self.backend = self._net.backend
         for probe in ((320, 240), (333, 250)):  # a model that cannot run at other sizes fails here, at setup
@@ -147,10 +147,10 @@ class YuNetDetector:
     def _detect_at(self, image: np.ndarray, long_side: int) -> list[Detection]:
         """Faces found on ``image`` shrunk to ``long_side``, in ``image`` pixels."""
         small, scale = _scaled(image, long_side)
-        return self._detect_scaled(small, scale)
+        return self._detect_scaled(small, scale, dark_gain(small) if self.brighten else 1.0)
 
-    def _detect_scaled(self, small: np.ndarray, scale: float) -> list[Detection]:
-        small = brightened(small) if self.brighten else small
+    def _detect_scaled(self, small: np.ndarray, scale: float, gain: float = 1.0) -> list[Detection]:
+        small = cv2.convertScaleAbs(small, alpha=gain) if gain != 1.0 else small
         h, w = small.shape[:2]
         if min(h, w) < MIN_INPUT_SIDE:  # YuNet returns garbage boxes for tiny inputs: pad them
             small = cv2.copyMakeBorder(small, 0, max(0, MIN_INPUT_SIDE - h), 0, max(0, MIN_INPUT_SIDE - w),
@@ -167,23 +167,31 @@ class YuNetDetector:
         return dets
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        dets, src, src_scale = [], image, 1.0
+        dets, src, src_scale, gain = [], image, 1.0, None
         for side in self.passes.sides(max(image.shape[:2])):  # each pass shrinks the previous copy: cheap
             src, scale = _scaled(src, side)
             src_scale *= scale
-            dets += self._detect_scaled(src, src_scale)
+            if gain is None:  # one gain per photo, from its main pass: every pass sees the same exposure
+                gain = dark_gain(src) if self.brighten else 1.0
+            dets += self._detect_scaled(src, src_scale, gain)
         return nms(dets, self.score_threshold, self.nms_threshold)
 
 
-def brightened(image: np.ndarray) -> np.ndarray:
-    """An under-exposed ``image`` (its brightest 0.5 % darker than ``DARK_LEVEL``) stretched so
-    they reach ~230, at most ``MAX_GAIN`` x; any other image unchanged. Detection only: the crops
-    the model sees come from the photo as it is."""
+def dark_gain(image: np.ndarray) -> float:
+    """The gain that stretches an under-exposed RGB uint8 ``image`` (its brightest 0.5 % darker than
+    ``DARK_LEVEL``) so they reach ~230, at most ``MAX_GAIN``; 1.0 for any other image."""
+    if image.size == 0 or image.dtype != np.uint8 or image.ndim != 3:
+        return 1.0
     hist = cv2.calcHist([cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)], [0], None, [256], [0, 256]).ravel()
     bright = int(np.searchsorted(np.cumsum(hist), 0.995 * hist.sum()))  # the 99.5th percentile of grey
-    if bright >= DARK_LEVEL:
-        return image
-    return cv2.convertScaleAbs(image, alpha=min(MAX_GAIN, 230.0 / max(bright, 1)))
+    return 1.0 if bright >= DARK_LEVEL else min(MAX_GAIN, 230.0 / max(bright, 1))
+
+
+def brightened(image: np.ndarray) -> np.ndarray:
+    """``image`` as YuNet sees it (``dark_gain``): dark photos stretched, any other unchanged. Detection
+    only: the crops the model sees come from the photo as it is."""
+    gain = dark_gain(image)
+    return image if gain == 1.0 else cv2.convertScaleAbs(image, alpha=gain)
 
 
 def nms(dets: list[Detection], score_threshold: float, nms_threshold: float = NMS_THRESHOLD) -> list[Detection]:

@@ -6,7 +6,7 @@ http(s) only, and leaves no temporary file behind (see fsutil).
 Every setting the fetch uses can be overridden by an environment variable, so offline devices
 and tests never need the internet:
 
-- ``AGEGENDER_DETECTOR_MODEL``: a local YuNet file (no download, no checksum);
+- ``AGEGENDER_DETECTOR_MODEL``: a local YuNet file (no download, no checksum; read by detect.py);
 - ``AGEGENDER_CACHE_DIR``: where the fetched file is kept (default: platformdirs' user cache);
 - ``AGEGENDER_DETECTOR_URL`` / ``AGEGENDER_DETECTOR_SHA256``: where to fetch it from and the
   sha256 it must have (e.g. a mirror on the local network).

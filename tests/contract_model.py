@@ -98,7 +98,7 @@ def build_contract_model(path: str | Path, task: str = "both", input_size: int =
 FACE_NAME = "17_1_4_20170103201233799.jpg.chip.jpg"  # a UTKFace face both YuNet and Haar find on a canvas
 
 
-def closed_port_url(name: str = "face_detection_yunet_2023mar.onnx") -> str:
+def closed_port_url(name: str = "face_detection_yunet_2026may.onnx") -> str:
     """A URL on 127.0.0.1 where nothing listens: a fetch fails at once, never reaching the internet."""
     import socket
 

@@ -95,7 +95,7 @@ def test_yunet_finds_a_face_that_fills_the_image(yunet_model, face_file):
 
 
 @pytest.mark.parametrize("detector", ["yunet", "haar"])
-@pytest.mark.parametrize("shape", [(3, 3, 3), (1, 1, 3), (480, 640, 3)])
+@pytest.mark.parametrize("shape", [(3, 3, 3), (1, 1, 3), (0, 10, 3), (10, 0, 3), (480, 640, 3)])
 def test_no_face_and_no_crash_on_tiny_or_blank_images(detector, shape, request):
     model = request.getfixturevalue("yunet_model") if detector == "yunet" else None
     assert create_detector(detector, model).detect(np.full(shape, 90, np.uint8)) == []
