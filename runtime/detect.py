@@ -150,7 +150,7 @@ class YuNetDetector:
         return self._detect_scaled(small, scale, dark_gain(small) if self.brighten else 1.0)
 
     def _detect_scaled(self, small: np.ndarray, scale: float, gain: float = 1.0) -> list[Detection]:
-        small = cv2.convertScaleAbs(small, alpha=gain) if gain != 1.0 else small
+        small = brightened(small, gain)
         h, w = small.shape[:2]
         if min(h, w) < MIN_INPUT_SIDE:  # YuNet returns garbage boxes for tiny inputs: pad them
             small = cv2.copyMakeBorder(small, 0, max(0, MIN_INPUT_SIDE - h), 0, max(0, MIN_INPUT_SIDE - w),
@@ -187,10 +187,10 @@ def dark_gain(image: np.ndarray) -> float:
     return 1.0 if bright >= DARK_LEVEL else min(MAX_GAIN, 230.0 / max(bright, 1))
 
 
-def brightened(image: np.ndarray) -> np.ndarray:
-    """``image`` as YuNet sees it (``dark_gain``): dark photos stretched, any other unchanged. Detection
-    only: the crops the model sees come from the photo as it is."""
-    gain = dark_gain(image)
+def brightened(image: np.ndarray, gain: float | None = None) -> np.ndarray:
+    """``image`` as YuNet sees it: stretched by ``gain`` (default: its own ``dark_gain``), unchanged at
+    1.0. Detection only: the crops the model sees come from the photo as it is."""
+    gain = dark_gain(image) if gain is None else gain
     return image if gain == 1.0 else cv2.convertScaleAbs(image, alpha=gain)
 
 

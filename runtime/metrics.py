@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def age_gender_metrics(age_true: np.ndarray | None, age_pred: np.ndarray | None,
                        gender_true: np.ndarray | None, gender_pred: np.ndarray | None,
                        age_mask: np.ndarray | None = None) -> dict[str, float | int]:
@@ -47,7 +46,6 @@ def confusion(true: np.ndarray, pred: np.ndarray, n_classes: int, mask: np.ndarr
 def per_class_accuracy(cm: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
     rows = cm.sum(axis=1)
     return {n: (float(cm[i, i] / rows[i]) if rows[i] else float("nan")) for i, n in enumerate(names)}
-
 
 
 
