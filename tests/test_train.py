@@ -98,6 +98,39 @@ def test_fold_splits_never_share_a_subject(adience, tmp_path):
         assert ("s0" in test_s) == (k < 4) and len(train_s | val_s | test_s) == 37
 
 
+def test_final_trains_one_model_on_every_fold_and_qat_fine_tunes_on_its_split(adience, tmp_path):
+    """--final: every readable image trains or validates (no test fold, no subject in both); a resume
+    keeps the finished model; --qat-from re-derives the same split from the checkpoint alone."""
+    from agegender.train.qat import QatConfig, load_split
+    from agegender.train.run import final_split
+
+    out = tmp_path / "final"
+    res = train("--data", str(adience), "--final", "--out", str(out), *QUICK, "--epochs", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "final" in res.stdout and "no test fold" in res.stdout
+    ckpt = load_checkpoint(out / "final" / "best.pt")
+    assert ckpt["fold"] is None and ckpt["data"]["final"] is True and ckpt["data"]["fold"] is None
+    records, _ = read_dataset(adience)
+    tr, va, te = final_split(records, np.ones(len(records), bool), 0.1, 42)
+    assert len(te) == 0 and len(tr) + len(va) == len(records)
+    assert not {records[i].subject for i in tr} & {records[i].subject for i in va}
+    log = (out / "final" / "train_log.txt").read_text()
+    assert f"train={len(tr)} val={len(va)} test=0" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == ["final"]
+    assert json.loads((out / "final" / "result.json").read_text())["scored_on"] == "validation"
+    assert json.loads((out / "config.json").read_text())["final"] is True
+    again = train("--data", str(adience), "--final", "--out", str(out), *QUICK, "--epochs", "1", "--resume")
+    assert again.returncode == 0 and "finished earlier" in again.stderr
+    split = load_split(ckpt, QatConfig(checkpoint="x", out="y", cache_dir=str(tmp_path / "cache"), progress=False))
+    assert sorted(split.train) == sorted(tr) and sorted(split.val) == sorted(va) and len(split.test) == 0
+
+
+def test_final_with_folds_is_a_usage_error(adience, tmp_path):
+    res = train("--data", str(adience), "--final", "--folds", "0", "--out", str(tmp_path / "o"), *QUICK)
+    assert res.returncode == 2 and "--final" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_checkpoint_rebuilds_the_model_from_the_file_alone(full_run):
     ckpt = load_checkpoint(full_run / "fold0" / "best.pt")
     net = net_from_checkpoint(ckpt)

@@ -42,7 +42,7 @@ def _parse_folds(value: str, nfolds: int = NFOLDS) -> tuple[int, ...]:
 def config_from_options(opts: dict[str, Any]) -> TrainConfig:
     """The run's config from click's parameters: the few that need converting, the rest by name."""
     opts = {k: v for k, v in opts.items() if k not in NOT_CONFIG}
-    opts["folds"] = _parse_folds(opts["folds"] or "all")
+    opts["folds"] = () if opts["final"] else _parse_folds(opts["folds"] or "all")
     opts["pretrained"] = opts["pretrained"] and not opts["init_weights"]
     for k in ("init_weights", "teacher"):
         opts[k] = str(Path(opts[k]).resolve()) if opts[k] else None
@@ -135,6 +135,10 @@ def prepare_out(cfg: TrainConfig, resume: bool, force: bool, add_folds: bool, ra
 @click.option("--freeze-backbone", is_flag=True, help="Train only the heads.")
 @click.option("--folds", default=None,
               help=f"'all' or e.g. 0,2 (of 0..{NFOLDS - 1})  [default: all; with --resume: the saved run's folds].")
+@click.option("--final", is_flag=True,
+              help="Train one model on all the folds, to ship once cross-validation has chosen the recipe: the "
+                   "validation split (carved by subject) picks the epoch, there is no test fold; writes OUT/final/. "
+                   "Score it on the --holdout images.")
 @click.option("--holdout", type=FiniteFloat(0, 0.5), default=D("holdout"), show_default=True,
               help="Fraction of images (stable file-name hash) kept out of training and CV entirely.")
 @click.option("--val-frac", type=FiniteFloat(0.01, 0.5), default=D("val_frac"), show_default=True,
@@ -194,6 +198,8 @@ def main(ctx: click.Context, **opts: Any) -> None:
         raise click.UsageError("Missing option '--data' (the training data).")
     if opts["resume"] and opts["force"]:
         raise click.UsageError("--resume continues the run in OUT, --force deletes it: give one of them")
+    if opts["final"] and opts["folds"] is not None:
+        raise click.UsageError("--final trains on every fold (no test fold): give --folds or --final, not both")
     rank = int(os.environ.get("RANK", "0"))
     try:
         if opts["eda_only"]:

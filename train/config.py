@@ -31,6 +31,7 @@ class TrainConfig:
     init_weights: str | None = None
     freeze_backbone: bool = False
     folds: tuple[int, ...] = tuple(range(NFOLDS))
+    final: bool = False  # one model on every fold (no test fold): the model to ship once CV chose the recipe
     holdout: float = 0.0
     val_frac: float = 0.1
     epochs: int = 20
@@ -80,6 +81,7 @@ class TrainConfig:
 
     def differs_from(self, saved: dict[str, Any]) -> list[str]:
         mine = self.to_dict()
+        saved = {"final": False, **saved}  # runs saved before --final existed were cross-validations
         return [k for k in mine if k not in self.RESUME_FREE and k in saved and saved[k] != mine[k]]
 
     def with_saved_folds(self, saved: dict[str, Any], add: bool = True) -> "TrainConfig":

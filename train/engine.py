@@ -211,7 +211,7 @@ def _make_loader(cfg: TrainConfig, fd: FoldData, size: int, di: DistInfo, seed: 
 def setup_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: Path, di: DistInfo) -> FoldRun:
     """Seed, device, fresh network, loader, optimiser and scheduler, DDP wrapper, teacher."""
     for name, idx in (("train", fd.train_idx), ("validation", fd.val_idx), ("test", fd.test_idx)):
-        if len(idx) == 0:
+        if len(idx) == 0 and not (name == "test" and fd.fold is None):  # fold None: --final, no test fold
             raise ValueError(f"fold {fd.fold}: the {name} split is empty (too few images or subjects)")
     seed = cfg.seed + (fd.fold or 0) * 1000
     seed_everything(seed)
@@ -303,6 +303,13 @@ def test_fold(run: FoldRun) -> dict[str, Any]:
     """The best epoch on the test fold: result.json, the test metrics in best.pt, confusion matrices."""
     fd = run.fd
     best = load_checkpoint(run.fold_dir / "best.pt")
+    if len(fd.test_idx) == 0:  # --final: no test fold; the result is the chosen epoch's validation scores
+        result = {"fold": "final", **best["metrics"]["val"], "n_test": 0, "scored_on": "validation",
+                  "n_val": int(len(fd.val_idx)), "best_epoch": best["epoch"], "params": run.params,
+                  "gflops": run.gflops}
+        if run.di.main:
+            write_json(run.fold_dir / "result.json", result)
+        return result
     run.net.load_state_dict(best["model"])
     test_m, probs = evaluate(run.net, fd.faces, fd.records, fd.test_idx, run.device)
     result = {"fold": fd.fold, **test_m, "n_test": int(len(fd.test_idx)), "best_epoch": best["epoch"],
@@ -354,7 +361,8 @@ def train_fold(cfg: TrainConfig, fd: FoldData, model_args: ModelArgs, fold_dir: 
     last_path = fold_dir / "last.pt"
     resuming = resume and last_path.is_file()
     with fold_log(fold_dir, append=resuming, enabled=di.main):
-        log.info("fold %s: %s %dpx task=%s params=%.2fM GFLOPs=%.3f train=%d val=%d test=%d seed=%d", fd.fold,
+        log.info("fold %s: %s %dpx task=%s params=%.2fM GFLOPs=%.3f train=%d val=%d test=%d seed=%d",
+                 "final" if fd.fold is None else fd.fold,
                  model_args.arch, model_args.img_size, model_args.task, run.params / 1e6, run.gflops,
                  len(fd.train_idx), len(fd.val_idx), len(fd.test_idx), run.seed)
         start_epoch, best_score, history = restore(run, last_path) if resuming else (1, -1.0, [])

@@ -22,18 +22,20 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(run_dir: Path, folds: list[int]) -> None:
-    """curves.png: training loss and validation accuracy per epoch, one line per fold."""
+def plot_curves(run_dir: Path, folds: list[int | str]) -> None:
+    """curves.png: training loss and validation accuracy per epoch, one line per fold (or "final")."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for k in folds:
-        p = run_dir / f"fold{k}" / "metrics.csv"
+        name = "final" if k == "final" else f"fold{k}"
+        p = run_dir / name / "metrics.csv"
         if not p.is_file():
             continue
         df = pd.read_csv(p)
-        axes[0].plot(df["epoch"], df["train_loss"], label=f"fold {k}")
+        label = "final" if k == "final" else f"fold {k}"
+        axes[0].plot(df["epoch"], df["train_loss"], label=label)
         for ax, col in ((axes[1], "val_age_exact"), (axes[2], "val_gender_acc")):
             if col in df:
-                ax.plot(df["epoch"], df[col], label=f"fold {k}")
+                ax.plot(df["epoch"], df[col], label=label)
     for ax, title in zip(axes, ("train loss", "val age exact", "val gender acc")):
         ax.set_title(title)
         ax.set_xlabel("epoch")

@@ -29,7 +29,7 @@ from .calibrate import calibrate
 from .data import FaceDataset, build_cache, train_transform
 from .engine import _loss, seed_everything
 from .evaluate import evaluate, predict, score_of
-from .run import fold_split
+from .run import final_split, fold_split
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,14 @@ def load_split(ckpt: dict[str, Any], cfg: QatConfig) -> Split:
         raise CheckpointError(f"{root}: none of the {len(records)} images could be read")
     age, gender, scored = label_arrays(records)
     k = data.get("fold")
-    if k is None:
-        raise CheckpointError("the checkpoint names no test fold (trained on every fold): quantization-aware "
-                              "fine-tuning needs the fold split it was trained with")
-    tr, va, test = fold_split(records, ok, int(k), cfg.val_frac, cfg.seed)
+    if data.get("final"):  # train-adience --final: every fold trained, validation carved as it was
+        tr, va, test = final_split(records, ok, float(data.get("val_frac", cfg.val_frac)),
+                                   int(data.get("seed", cfg.seed)))
+    elif k is None:
+        raise CheckpointError("the checkpoint names no test fold and is no --final model: quantization-aware "
+                              "fine-tuning needs the split it was trained with")
+    else:
+        tr, va, test = fold_split(records, ok, int(k), cfg.val_frac, cfg.seed)
     log.info("QAT data: %s; train %d, val %d, test %d", report.describe(), len(tr), len(va), len(test))
     return Split(records, faces, age, gender, scored, tr, va, test)
 
@@ -165,7 +169,8 @@ def _save(cfg: QatConfig, ckpt, net, start, final, history, scheme) -> dict[str,
                   "start_metrics": start, "history": history}
     path = Path(cfg.out)
     save_checkpoint(path, out)
-    log.info("wrote %s: test (fake-quant) %s; started from %s", path, _fmt(final["test"]), _fmt(start["test"]))
+    which = "test" if final["test"] else "val"
+    log.info("wrote %s: %s (fake-quant) %s; started from %s", path, which, _fmt(final[which]), _fmt(start[which]))
     return {**out["qat"], "calibration": out["calibration"]}
 
 

@@ -72,6 +72,12 @@ def fold_split(records: list[Record], ok: np.ndarray, k: int, val_frac: float, s
     return tr, va, test
 
 
+def final_split(records: list[Record], ok: np.ndarray, val_frac: float, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, no test) indices of a --final run: every fold trains, validation carved by subject."""
+    return (*split_train_val(records, np.flatnonzero(ok), val_frac, seed), np.array([], dtype=np.int64))
+
+
 def describe_data(cfg: TrainConfig, fmt: str, n: int) -> str:
     name = Path(cfg.data).name or cfg.data
     extra = f", holdout {cfg.holdout:.0%} by file-name hash excluded" if cfg.holdout else ""
@@ -154,6 +160,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
     data_info = {"root": str(Path(cfg.data).resolve()), "format": report.format, "nfolds": NFOLDS,
                  "holdout": cfg.holdout}
     train_data = describe_data(cfg, report.format, int(ok.sum()))
+    if cfg.final:
+        return run_final(cfg, records, faces, ok, model_args, data_info, train_data, di, resume, progress)
     results = []
     for k in cfg.folds:
         fold_dir = out / f"fold{k}"
@@ -178,6 +186,29 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[s
     return summarize(results)
 
 
+def run_final(cfg: TrainConfig, records: list[Record], faces: np.ndarray, ok: np.ndarray, model_args,
+              data_info: dict, train_data: str, di: DistInfo, resume: bool, progress: bool) -> dict[str, Any]:
+    """--final: one model on every fold, its epoch chosen on the validation split; OUT/final/."""
+    out = Path(cfg.out)
+    done = load_result(out / "final") if resume else None
+    if done is not None:
+        log.info("final model: finished earlier, kept")
+        return summarize([done])
+    tr, va, te = final_split(records, ok, cfg.val_frac, cfg.seed)
+    info = {**data_info, "fold": None, "final": True, "val_frac": cfg.val_frac, "seed": cfg.seed}
+    fd = FoldData(None, faces, records, tr, va, te, info, train_data)
+    _warn_single_class(fd, cfg.task)
+    result = train_fold(cfg, fd, model_args, out / "final", di, resume=resume, progress=progress)
+    summary = summarize([result])
+    if di.main:
+        write_summary(out, summary)
+        plot_curves(out, ["final"])
+    if di.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
 def summarize(results: list[dict]) -> dict[str, Any]:
     rows = [{"fold": r["fold"], **{k: r[k] for k in METRIC_KEYS if k in r}, "n_test": r["n_test"]} for r in results]
     df = pd.DataFrame(rows)
@@ -197,5 +228,8 @@ def format_table(summary: dict) -> str:
     lines = ["fold  " + "  ".join(f"{k:>11}" for k in keys) + "  n_test"]
     for r in summary["folds"]:
         lines.append(f"{r['fold']:>4}  " + "  ".join(f"{r[k]:>11.4f}" for k in keys) + f"  {r['n_test']:>6}")
+    if [r["fold"] for r in summary["folds"]] == ["final"]:
+        lines.append("(final model: validation-split scores of its chosen epoch; it has no test fold)")
+        return "\n".join(lines)
     lines.append("mean  " + "  ".join(f"{summary['mean'][k]:>6.4f}±{summary['std'][k]:.3f}" for k in keys))
     return "\n".join(lines)
