@@ -103,7 +103,9 @@ def resolve_sources(ckpt: dict[str, Any], calib_data: str | None, data_root: str
     """Calibration records (``--calib-data`` or the checkpoint's training folds) and test-fold records.
 
     Test = the checkpoint's test fold (fold == data.fold) without the holdout; training = the other
-    folds without the holdout, as train-adience split them (holdout by file name). ``data_root``
+    folds without the holdout, as train-adience split them (holdout by file name); for a
+    ``train-adience --final`` model (no test fold), test = its validation split, named in the
+    checkpoint, and training = the rest. ``data_root``
     replaces the checkpoint's data root (the same dataset moved to another place).
     """
     notes: list[str] = []
@@ -124,7 +126,12 @@ def resolve_sources(ckpt: dict[str, Any], calib_data: str | None, data_root: str
     if holdout:
         records = [r for r in records if not is_holdout(Path(r.path).name, holdout)]
     fold = data.get("fold")
-    if records and fold is not None:
+    val_files = set(data.get("val_files") or []) if data.get("final") else set()
+    if records and val_files:  # train-adience --final: no test fold; its validation split never trained
+        test = [r for r in records if Path(r.path).name in val_files]
+        train = [r for r in records if Path(r.path).name not in val_files]
+        test_source = f"{root} validation split of the --final model (not trained on, holdout excluded)"
+    elif records and fold is not None:
         test = [r for r in records if r.fold == fold]
         train = [r for r in records if r.fold != fold]
         test_source = f"{root} fold {fold} (test fold, holdout excluded)"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from agegender.export.net import load_checkpoint, net_from_checkpoint
+from agegender.export.parity import resolve_sources
 from agegender.runtime.datasets import read_dataset
 from agegender.runtime.imageio import read_image
 from agegender.runtime.preprocess import prepare_precropped, to_input
@@ -124,6 +125,10 @@ def test_final_trains_one_model_on_every_fold_and_qat_fine_tunes_on_its_split(ad
     assert again.returncode == 0 and "finished earlier" in again.stderr
     split = load_split(ckpt, QatConfig(checkpoint="x", out="y", cache_dir=str(tmp_path / "cache"), progress=False))
     assert sorted(split.train) == sorted(tr) and sorted(split.val) == sorted(va) and len(split.test) == 0
+    # export-onnx's gate scores a --final model on its validation faces, calibrates on the rest
+    src = resolve_sources(ckpt, None)
+    assert sorted(r.path for r in src.test) == sorted(records[i].path for i in va)
+    assert sorted(r.path for r in src.calib) == sorted(records[i].path for i in tr)
 
 
 def test_final_with_folds_is_a_usage_error(adience, tmp_path):

@@ -156,14 +156,16 @@ def run_qat(cfg: QatConfig) -> dict[str, Any]:
     labels = {"age": np.where(s.scored, s.age, -1), "gender": s.gender}
     calibration = calibrate(net, s.faces, s.val, labels)  # with the int8 scheme on: what the int8 file computes
     scheme = fq.remove()
-    return _save(cfg, ckpt, net, start, final, history, {**scheme, "calibration": calibration})
+    return _save(cfg, ckpt, net, s, start, final, history, {**scheme, "calibration": calibration})
 
 
-def _save(cfg: QatConfig, ckpt, net, start, final, history, scheme) -> dict[str, Any]:
+def _save(cfg: QatConfig, ckpt, net, s: Split, start, final, history, scheme) -> dict[str, Any]:
     out = dict(ckpt)
     out["model"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     out["metrics"] = final
     out["bn_folded"] = True
+    if (ckpt.get("data") or {}).get("final"):  # the split export-onnx's gate scores on (see train/run.py)
+        out["data"] = {**ckpt["data"], "val_files": sorted(Path(s.records[i].path).name for i in s.val)}
     out["calibration"] = scheme.pop("calibration")
     out["qat"] = {**scheme, "from": str(Path(cfg.checkpoint).resolve()), "epochs": cfg.epochs, "lr": cfg.lr,
                   "start_metrics": start, "history": history}

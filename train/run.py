@@ -195,7 +195,9 @@ def run_final(cfg: TrainConfig, records: list[Record], faces: np.ndarray, ok: np
         log.info("final model: finished earlier, kept")
         return summarize([done])
     tr, va, te = final_split(records, ok, cfg.val_frac, cfg.seed)
-    info = {**data_info, "fold": None, "final": True, "val_frac": cfg.val_frac, "seed": cfg.seed}
+    # the validation faces by name: export-onnx's gate scores int8 on them (faces the model never trained on)
+    info = {**data_info, "fold": None, "final": True, "val_frac": cfg.val_frac, "seed": cfg.seed,
+            "val_files": sorted(Path(records[i].path).name for i in va)}
     fd = FoldData(None, faces, records, tr, va, te, info, train_data)
     _warn_single_class(fd, cfg.task)
     result = train_fold(cfg, fd, model_args, out / "final", di, resume=resume, progress=progress)
