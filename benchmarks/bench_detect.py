@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 
 from agegender.runtime.datasets import is_holdout, parse_utkface_name
-from agegender.runtime.detect import DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, Detection, HaarDetector, Passes, YuNetDetector, nms
+from agegender.runtime.detect import (DEFAULT_DET_THRESHOLD, DEFAULT_MIN_FACE_SIZE, SECOND_LOOK_FLOOR, Detection,
+                                      HaarDetector, Passes, YuNetDetector, iou, nms)
 from agegender.runtime.yunet import CvYuNet
 
 SIZE_BINS = (16, 24, 40, 80, 160, 320, 640, 100_000)
@@ -44,7 +45,10 @@ YUNET_SCHEMES: dict[str, tuple[Passes | None, bool]] = {  # (passes, dark photos
     "L/3 in [832, 1280] + 320, dark brightened": (Passes(832, 1 / 3, 1280, 320), True),
     "1280 + 320": (Passes(1280, 1.0, 1280, 320), False),
     "1280 + 320, dark brightened": (Passes(1280, 1.0, 1280, 320), True),
+    "L/3 in [896, 1280] + 320, dark brightened, second look": (Passes(896, 1 / 3, 1280, 320), True),
 }
+# "second look" rows: near-misses (score >= SECOND_LOOK_FLOOR, under the threshold) re-run at their own
+# resolution (YuNetDetector's second_look); run once per threshold. Every other row has it off.
 # "before" ran cv2.FaceDetectorYN, one net re-sized for every pass; the "OpenCV backend" row too (with a net
 # per size); every other row runs the runtime's default backend (onnxruntime for a free-size export).
 
@@ -181,13 +185,6 @@ def make_scenes(data: Path, spec: str, seed: int, photo_dir: Path | None) -> lis
     return scenes
 
 
-def iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
-
-
 def match(dets: list[Detection], faces: list[Face]) -> tuple[list[int], int]:
     """Index of the detection matched to each face (-1: missed) and the number of false faces."""
     owner = [-1] * len(faces)
@@ -218,6 +215,16 @@ def timed(fn, *args):
 
 def yunet_candidates(det: YuNetDetector, img: np.ndarray, scheme: Passes | None, thresholds):
     """{threshold: detections} and ms for one scheme; run once at the lowest threshold, then filtered."""
+    if scheme is not None and det.second_look is not None:
+        det.passes, out, ms = scheme, {}, 0.0
+        for t in thresholds:
+            det.score_threshold = t
+            floor = det.second_look
+            det.second_look = floor if floor < t else None
+            out[t], took = timed(det.detect, img)
+            det.second_look = floor
+            ms = took if t == DEFAULT_DET_THRESHOLD else ms
+        return out, ms
     if scheme is not None:
         det.passes = scheme
         dets, ms = timed(det.detect, img)
@@ -261,10 +268,11 @@ def tally(t: Tally, by_thr: dict, scene: Scene, ms: float) -> None:
 def detectors(yunet: Path, thresholds: list[float], threads: int) -> dict[str, YuNetDetector]:
     """One YuNetDetector per scheme (see YUNET_SCHEMES), sharing the runtime's backend where they can."""
     thr = min(thresholds)
-    runtime = YuNetDetector(yunet, score_threshold=thr, threads=threads)
+    runtime = YuNetDetector(yunet, score_threshold=thr, threads=threads, second_look=None)
+    looking = YuNetDetector(yunet, threads=threads, second_look=min(thr, SECOND_LOOK_FLOOR))
     out = {}
     for name, (scheme, brighten) in YUNET_SCHEMES.items():
-        det = copy.copy(runtime)
+        det = copy.copy(looking if "second look" in name else runtime)
         det.brighten = brighten
         if scheme is None:
             det._net = _OneCvNet(yunet, thr, det.nms_threshold)
@@ -390,8 +398,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="OpenCV and onnxruntime threads (1: fair timings)")
     ap.add_argument("--no-haar", action="store_true", help="YuNet schemes only (Haar takes most of the time)")
+    ap.add_argument("--only", help="run only the YuNet rows whose name contains one of these (comma-separated)")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
     args = ap.parse_args()
+    if args.only:
+        keep = [k for k in YUNET_SCHEMES if any(part.strip() in k for part in args.only.split(","))]
+        for k in [k for k in YUNET_SCHEMES if k not in keep]:
+            del YUNET_SCHEMES[k]
     cv2.setNumThreads(args.threads)
     thresholds = sorted(float(t) for t in args.thresholds.split(","))
     scenes = make_scenes(args.data, args.scenes, args.seed, args.photos)

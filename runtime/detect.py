@@ -34,6 +34,10 @@ MAIN_MAX_SIDE = 1280  # bounds YuNet's time and memory on 12 MP+ photos
 LARGE_FACE_SIDE = 320  # YuNet misses faces over ~300 px: a second, small pass finds them
 DARK_LEVEL = 150  # brightest 0.5 % of a photo below this grey level: stretched before YuNet sees it
 MAX_GAIN = 6.0
+SECOND_LOOK_FLOOR = 0.4  # a face YuNet scores in [this, threshold) is looked at again, at its own resolution:
+SECOND_LOOK_FACE = 96  # its surroundings (SECOND_LOOK_CONTEXT x its side) re-run with the face this many px wide
+SECOND_LOOK_CONTEXT = 2.5
+SECOND_LOOK_MAX = 8  # per photo, best-scored first: bounds the extra time on busy photos
 HAAR_LONG_SIDE = 1280
 MIN_INPUT_SIDE = 64
 INSTALL_HINT = ("run `agegender-run --fetch-detector` once on a machine with internet access (copy the cache "
@@ -105,12 +109,14 @@ class YuNetDetector:
 
     def __init__(self, model_path: str | os.PathLike, score_threshold: float = DEFAULT_DET_THRESHOLD,
                  nms_threshold: float = NMS_THRESHOLD, passes: Passes = Passes(), threads: int | None = None,
-                 brighten: bool = True):
+                 brighten: bool = True, second_look: float | None = SECOND_LOOK_FLOOR):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise DetectorError(f"{self.model_path}: no such YuNet model file")
         self.score_threshold, self.nms_threshold, self.passes = float(score_threshold), float(nms_threshold), passes
         self.brighten = bool(brighten)  # dark photos are stretched before detection (see ``dark_gain``)
+        # near-misses (score in [second_look, threshold)) get a second look at their own resolution; None: off
+        self.second_look = None if second_look is None or second_look >= self.score_threshold else float(second_look)
         self._net = self._backend(threads)
         self.backend = self._net.backend
         for probe in ((320, 240), (333, 250)):  # a model that cannot run at other sizes fails here, at setup
@@ -128,10 +134,11 @@ class YuNetDetector:
             outputs = [o.name for o in session.get_outputs()][:6]
             raise DetectorError(f"{self.model_path}: not a YuNet model (its outputs are {outputs}; YuNet's are "
                                 f"cls_8, obj_8, bbox_8, kps_8, ...)")
+        floor = self.score_threshold if self.second_look is None else self.second_look  # the net keeps near-misses
         if session is not None and is_dynamic(session):
-            return OrtYuNet(session, self.score_threshold, self.nms_threshold)
+            return OrtYuNet(session, floor, self.nms_threshold)
         try:
-            return CvYuNet(self.model_path, self.score_threshold, self.nms_threshold)
+            return CvYuNet(self.model_path, floor, self.nms_threshold)
         except cv2.error as e:
             raise DetectorError(f"{self.model_path}: not a loadable YuNet model ({_cv_msg(e)})") from None
 
@@ -174,7 +181,42 @@ class YuNetDetector:
             if gain is None:  # one gain per photo, from its main pass: every pass sees the same exposure
                 gain = dark_gain(src) if self.brighten else 1.0
             dets += self._detect_scaled(src, src_scale, gain)
-        return nms(dets, self.score_threshold, self.nms_threshold)
+        found = nms(dets, self.score_threshold, self.nms_threshold)
+        if self.second_look is None:
+            return found
+        near = [d for d in nms(dets, self.second_look, self.nms_threshold)
+                if d.score < self.score_threshold and all(iou(d.box, f.box) < self.nms_threshold for f in found)]
+        for d in near[:SECOND_LOOK_MAX]:
+            again = self._look_again(image, d, gain or 1.0)
+            if again is not None and all(iou(again.box, f.box) < self.nms_threshold for f in found):
+                found.append(again)
+        return sorted(found, key=lambda d: -d.score)
+
+    def _look_again(self, image: np.ndarray, cand: Detection, gain: float) -> Detection | None:
+        """``cand`` re-examined: its surroundings cut from the full-size ``image``, scaled so the face is
+        ``SECOND_LOOK_FACE`` px wide, run through YuNet again; the face found there if it now scores
+        over the threshold (small faces shrunk by the main pass, or blurred ones, often do; texture
+        that looked like a face rarely does)."""
+        x1, y1, x2, y2 = cand.box
+        side = max(x2 - x1, y2 - y1)
+        half = side * SECOND_LOOK_CONTEXT / 2
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        h, w = image.shape[:2]
+        left, top = int(max(0, cx - half)), int(max(0, cy - half))
+        right, bottom = int(min(w, cx + half + 1)), int(min(h, cy + half + 1))
+        if right - left < 8 or bottom - top < 8:
+            return None
+        scale = SECOND_LOOK_FACE / side
+        window = cv2.resize(image[top:bottom, left:right],
+                            (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))),
+                            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        best = None
+        for d in self._detect_scaled(window, scale, gain):
+            box = (d.box[0] + left, d.box[1] + top, d.box[2] + left, d.box[3] + top)
+            if d.score >= self.score_threshold and iou(box, cand.box) >= 0.5 and (best is None or d.score > best.score):
+                marks = tuple((mx + left, my + top) for mx, my in d.landmarks) if d.landmarks else None
+                best = Detection(box, d.score, marks)
+        return best
 
 
 def dark_gain(image: np.ndarray) -> float:
@@ -192,6 +234,15 @@ def brightened(image: np.ndarray, gain: float | None = None) -> np.ndarray:
     1.0. Detection only: the crops the model sees come from the photo as it is."""
     gain = dark_gain(image) if gain is None else gain
     return image if gain == 1.0 else cv2.convertScaleAbs(image, alpha=gain)
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def nms(dets: list[Detection], score_threshold: float, nms_threshold: float = NMS_THRESHOLD) -> list[Detection]:

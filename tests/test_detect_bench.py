@@ -140,3 +140,39 @@ def test_a_dark_photo_is_brightened_before_detection(group_photo, yunet_model):
     plain = _matched(YuNetDetector(yunet_model, brighten=False).detect(dark), boxes)
     assert all(m is not None for m in found)
     assert sum(m is not None for m in plain) < len(boxes)  # without it, faces of this dark photo are lost
+
+
+@pytest.fixture(scope="module")
+def small_faces_photo(utkface_dir):
+    """A 1920x1080 scene of twelve held-out faces of 44-72 px: the main pass shrinks them to ~20-34 px,
+    where YuNet scores several of them under the threshold."""
+    names = sorted(p for p in utkface_dir.iterdir() if parse_utkface_name(p.name) and is_holdout(p.name, 0.1))
+    if len(names) < 90:
+        pytest.skip("too few held-out UTKFace faces")
+    rng = np.random.default_rng(5)
+    ramp = np.linspace(50, 190, 1920, dtype=np.float32)[None, :, None]
+    img = np.clip(np.broadcast_to(ramp, (1080, 1920, 3)) + rng.normal(0, 10, (1080, 1920, 3)), 0, 255).astype(np.uint8)
+    background = img.copy()
+    boxes = []
+    for i, side in enumerate((44, 48, 52, 56, 60, 64, 68, 72, 46, 50, 54, 58)):
+        x, y = 60 + (i % 6) * 300, 200 + (i // 6) * 450
+        chip = cv2.cvtColor(cv2.imread(str(names[i * 7 + 1])), cv2.COLOR_BGR2RGB)
+        img[y:y + side, x:x + side] = cv2.resize(chip, (side, side), interpolation=cv2.INTER_AREA)
+        boxes.append((x, y, x + side, y + side))
+    return img, boxes, background
+
+
+def test_second_look_finds_small_faces_the_main_pass_scored_under_the_threshold(small_faces_photo, yunet_model):
+    img, boxes, background = small_faces_photo
+    with_look = YuNetDetector(yunet_model, threads=1).detect(img)  # the default: second look on
+    without = YuNetDetector(yunet_model, threads=1, second_look=None).detect(img)
+    assert all(m is not None for m in _matched(with_look, boxes))  # every face
+    assert sum(m is not None for m in _matched(without, boxes)) < len(boxes)  # the case the second look is for
+    assert len(with_look) == len(boxes)  # and nothing else
+    for d in with_look:
+        assert d.score >= 0.7 and d.landmarks is not None
+        x1, y1, x2, y2 = d.box
+        assert all(x1 <= x <= x2 and y1 <= y <= y2 for x, y in d.landmarks[:2])  # eyes inside the box
+    # a face-free photo stays face-free, and a threshold of 0.4 or less turns the second look off
+    assert YuNetDetector(yunet_model, threads=1).detect(background) == []
+    assert YuNetDetector(yunet_model, threads=1, score_threshold=0.4).second_look is None
