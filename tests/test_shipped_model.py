@@ -92,13 +92,27 @@ def test_logs_belong_to_the_shipped_model(shipped):
         result = json.loads((LOGS / f"fold{entry['fold']}" / "result.json").read_text())
         assert {k: result[k] for k in keys} == {k: entry[k] for k in keys}
         assert (LOGS / f"fold{entry['fold']}" / "train_log.txt").stat().st_size > 0
-    # the shipped model is the fold's model after quantization-aware fine-tuning (logs/qat/): it started
-    # from the fold's logged test result, and its metadata carries the fine-tuned model's own
-    fold = int(meta.raw["checkpoint_fold"])
-    test = json.loads((LOGS / f"fold{fold}" / "result.json").read_text())
     qat = json.loads((LOGS / "qat" / "qat.json").read_text())
-    assert {k: test[k] for k in keys} == {k: qat["start_metrics"]["test"][k] for k in keys}
-    assert {k: qat["metrics"]["test"][k] for k in keys} == {k: meta.metrics["test"][k] for k in keys}
+    if meta.raw["checkpoint_fold"] == "":
+        # a `train-adience --final` model (logs/final/): the cross-validated recipe on every fold; its
+        # fine-tuning started from the chosen epoch's validation scores, and the metadata carries its own
+        final = json.loads((LOGS / "final" / "config.json").read_text())
+        result = json.loads((LOGS / "final" / "result.json").read_text())
+        assert final["final"] is True and result["scored_on"] == "validation"
+        recipe = ("arch", "img_size", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "schedule",
+                  "drop_rate", "augment", "holdout", "val_frac", "seed", "crop_margin", "pretrained")
+        assert {k: final[k] for k in recipe} == {k: config[k] for k in recipe}
+        assert Path(final["init_weights"]).name == Path(config["init_weights"]).name
+        assert {k: qat["start_metrics"]["val"][k] for k in keys} == pytest.approx({k: result[k] for k in keys}, abs=2e-3)
+        assert {k: qat["metrics"]["val"][k] for k in keys} == {k: meta.metrics["val"][k] for k in keys}
+        assert (LOGS / "final" / "train_log.txt").stat().st_size > 0
+    else:
+        # the fold's model after quantization-aware fine-tuning (logs/qat/): it started from the fold's
+        # logged test result, and its metadata carries the fine-tuned model's own
+        fold = int(meta.raw["checkpoint_fold"])
+        test = json.loads((LOGS / f"fold{fold}" / "result.json").read_text())
+        assert {k: test[k] for k in keys} == {k: qat["start_metrics"]["test"][k] for k in keys}
+        assert {k: qat["metrics"]["test"][k] for k in keys} == {k: meta.metrics["test"][k] for k in keys}
     for k in keys:
         values = [f[k] for f in summary["folds"]]
         assert summary["mean"][k] == pytest.approx(np.mean(values)) and summary["std"][k] == pytest.approx(np.std(values))
